@@ -98,16 +98,19 @@ def _unpack(tgz: Path, root: Path) -> Path:
     target = root / "data"
     if _is_data_folder(target):
         return target
+    if target.exists():
+        raise RuntimeError(f"{target} exists but is not a complete RAVEL data folder; "
+                           f"remove it or unpack somewhere else.")
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=root))
     try:
         with tarfile.open(tgz, "r:gz") as tar:
             tar.extractall(tmp, filter="data")
-        if not _is_data_folder(tmp / "data"):
-            raise RuntimeError(f"{tgz} has the right checksum but no data/ folder inside. {MANUAL}")
-        if target.exists():  # an incomplete folder left by hand; replace it
-            shutil.rmtree(target)
-        os.replace(tmp / "data", target)
+        try:
+            os.replace(tmp / "data", target)
+        except OSError:
+            if not _is_data_folder(target):  # not just another process finishing first
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -144,13 +147,15 @@ def download(dest=None) -> Path:
 
 def data_dir(path=None) -> Path:
     """The unpacked data/ folder. Looks at `path`, then $RAVEL_DATA, then the cache; each may be a
-    data/ folder, a folder containing data/, or a data.tgz (verified and unpacked into the cache)."""
+    data/ folder, a folder holding data/ or data.tgz, or a data.tgz (verified, unpacked into the cache)."""
     where = Path(path or os.environ.get("RAVEL_DATA") or cache_dir()).expanduser()
     if where.is_file():
         return _unpack(where, cache_dir())
     for candidate in (where, where / "data"):
         if _is_data_folder(candidate):
             return candidate
+    if (where / "data.tgz").is_file():
+        return _unpack(where / "data.tgz", cache_dir())
     raise FileNotFoundError(
         f"RAVEL data not found at {where}. Run `python ravel_data.py download`, or set RAVEL_DATA "
         f"to RAVEL's data.tgz or to its unpacked data/ folder. {MANUAL}")
@@ -387,6 +392,7 @@ def filter_examples(examples, model, tokenizer, batch_size=64, progress=True) ->
     One teacher-forced forward pass per batch: the prompt plus the label go in, and a row is kept
     iff the argmax before each label token is that token. One pass is enough; HyperDAS ran its filter
     three times because it mapped the rows of the short last batch to the wrong examples.
+    `model` is a Hugging Face causal LM (it is called with logits_to_keep) and `tokenizer` its tokenizer.
     """
     import torch
     from tqdm.auto import tqdm
@@ -394,6 +400,7 @@ def filter_examples(examples, model, tokenizer, batch_size=64, progress=True) ->
 
     device = next(model.parameters()).device
     kept = []
+    was_training = model.training
     model.eval()
     for start in tqdm(range(0, len(examples), batch_size), desc="filter", disable=not progress):
         batch = examples[start:start + batch_size]
@@ -406,6 +413,7 @@ def filter_examples(examples, model, tokenizer, batch_size=64, progress=True) ->
         correct = answer_correct(logits, enc["labels"]).tolist()
         # Pair each verdict with its own row of this batch (no global index arithmetic to get wrong).
         kept += [ex for ex, ok in zip(batch, correct, strict=True) if ok]
+    model.train(was_training)
     counts = Counter(ex["attribute_type"] for ex in kept)
     totals = Counter(ex["attribute_type"] for ex in examples)
     print(f"filter: kept {len(kept)} of {len(examples)} examples (causal {counts['causal']} of "
