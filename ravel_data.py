@@ -303,12 +303,12 @@ def _draw(rng, dom, names, templates, wiki, kind, attribute, intervened):
 def make_examples(domain, split, n, seed=0, attributes=None, path=None) -> list[dict]:
     """Generate about n cause and isolate examples (before any model filtering), as HyperDAS did.
 
-    The budget is split like HyperDAS's generator: each target attribute X in `attributes` (default
-    DEFAULT_ATTRIBUTES[domain]) gets n // len(attributes), half of it spent on cause examples for X
-    and half on isolate examples, shared equally by the other default attributes Y of the domain.
-    So, with T targets and K default attributes: n // (2T) cause rows per X and n // (2T(K-1))
-    isolate rows per (X, Y). For one target this is exactly a HyperDAS per-attribute file
-    (n = 20000 train / 4000 test). domain="all" concatenates the five domains, n // 5 each.
+    The budget is split like HyperDAS's generator: each of the T target attributes X in `attributes`
+    (default DEFAULT_ATTRIBUTES[domain]) gets n // T, half spent on cause rows for X and half on
+    isolate rows, shared equally by the m default attributes Y other than X. That is n // (2T) cause
+    rows per X and n // (2Tm) isolate rows per (X, Y); see plan(). With one target this is the recipe
+    of a HyperDAS per-attribute file (n = 20000 train / 4000 test, DEFAULT_N_PER_ATTRIBUTE).
+    domain="all" concatenates the five domains, n // 5 each.
 
     split: "train" uses RAVEL's train templates, "test" its val + test templates; entities are pooled
     across RAVEL's entity splits, so only templates are disjoint. The same seed gives the same list.
