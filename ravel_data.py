@@ -300,15 +300,15 @@ def _draw(rng, dom, names, templates, wiki, kind, attribute, intervened):
     return _example(dom, kind, attribute, intervened, base, source, base_template, source_template)
 
 
-def make_examples(domain, split, n, seed=0, attributes=None, path=None) -> list[dict]:
+def make_examples(domain, split, n=None, seed=0, attributes=None, path=None) -> list[dict]:
     """Generate about n cause and isolate examples (before any model filtering), as HyperDAS did.
 
     The budget is split like HyperDAS's generator: each of the T target attributes X in `attributes`
     (default DEFAULT_ATTRIBUTES[domain]) gets n // T, half spent on cause rows for X and half on
     isolate rows, shared equally by the m default attributes Y other than X. That is n // (2T) cause
     rows per X and n // (2Tm) isolate rows per (X, Y); see plan(). With one target this is the recipe
-    of a HyperDAS per-attribute file (n = 20000 train / 4000 test, DEFAULT_N_PER_ATTRIBUTE).
-    domain="all" concatenates the five domains, n // 5 each.
+    of a HyperDAS per-attribute file. n=None uses HyperDAS's sizes, default_n(): 20000 (train) or
+    4000 (test) per target attribute. domain="all" concatenates the five domains, n // 5 each.
 
     split: "train" uses RAVEL's train templates, "test" its val + test templates; entities are pooled
     across RAVEL's entity splits, so only templates are disjoint. The same seed gives the same list.
@@ -319,9 +319,11 @@ def make_examples(domain, split, n, seed=0, attributes=None, path=None) -> list[
     if domain == "all":
         if attributes is not None:
             raise ValueError("attributes cannot be chosen with domain='all'; each domain uses its defaults.")
-        return [ex for d in DOMAINS for ex in make_examples(d, split, n // len(DOMAINS), seed, None, path)]
+        share = None if n is None else n // len(DOMAINS)
+        return [ex for d in DOMAINS for ex in make_examples(d, split, share, seed, None, path)]
     dom = load_domain(domain, path)
     targets = _check_attributes(dom, DEFAULT_ATTRIBUTES[domain] if attributes is None else attributes)
+    n = default_n(domain, split, targets) if n is None else n
     templates, wiki = _split_pools(dom, split)
     names = list(dom.entities)
     # HyperDAS reseeded 42 for every call, so its train and test sets drew the same entity pairs;

@@ -183,6 +183,12 @@ def test_sizes_follow_the_plan(folder):
     assert one == {("causal", "Duty"): 200, ("isolate", "Industry"): 100, ("isolate", "Work Location"): 100}
 
 
+def test_default_size_is_hyperdas_per_attribute_size(folder):
+    rows = R.make_examples("occupation", "test", path=folder)
+    assert Counter(ex["attribute_type"] for ex in rows) == {"causal": 6000, "isolate": 6000}   # 3 x 4000
+    assert len(R.make_examples("verb", "test", attributes=["Past Tense"], path=folder)) == 4000
+
+
 def test_all_domains_concatenates(folder):
     mixed = R.make_examples("all", "test", 500, seed=1, path=folder)
     assert mixed == [ex for d in R.DOMAINS for ex in R.make_examples(d, "test", 100, seed=1, path=folder)]
