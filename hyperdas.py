@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import string
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -405,20 +406,24 @@ class HyperNetwork(nn.Module):
             for block, layer in zip(self.blocks, decoder_layers(target)):
                 block.copy_from(layer)
 
-    def forward(self, instruction, base_states, base_visible, source_states, source_visible):
-        """instruction: tokenize() output [B, n]; *_states: [B, T, n_layers+1, d] from hidden_states()."""
+    def encode(self, instruction, base, source):
+        """Step 1: the instruction's states after N blocks reading the prompts, [B, n, d]."""
         ids, mask = instruction["input_ids"], instruction["attention_mask"].bool()
         n = ids.shape[1]
         causal = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()
         # Always causal, padded or not (the official mask vanished for unpadded batches); every row
         # may see itself, so left-pad rows stay finite.
         self_mask = (causal & mask[:, None, :]) | torch.eye(n, dtype=torch.bool, device=ids.device)
-        source, base = memory(source_states, source_visible), memory(base_states, base_visible)
         as_cross = lambda items, pos, seen: (items, pos, seen[:, None, :].expand(-1, n, -1))
         h = self.embed(ids)                                                            # [B, n, d]
         for block in self.blocks:
             h = block(h, instruction["position_ids"], self_mask, as_cross(*source), as_cross(*base))
-        last = self.norm(h)[:, -1]              # [B, d]: the last instruction token (left padding)
+        return self.norm(h)
+
+    def forward(self, instruction, base_states, base_visible, source_states, source_visible):
+        """instruction: tokenize() output [B, n]; *_states: [B, T, n_layers+1, d] from hidden_states()."""
+        h = self.encode(instruction, memory(base_states, base_visible), memory(source_states, source_visible))
+        last = h[:, -1]                         # [B, d]: the last instruction token (left padding)
         unit = lambda states: F.normalize(states[:, :, self.layer].float(), dim=-1)  # layer-L states
         weights = self.selector(last, unit(base_states), base_visible, unit(source_states), source_visible)
         return weights, self.subspace(last)     # [B, Ts+1, Tb], [B, d, k]
@@ -509,11 +514,13 @@ class HyperDAS:
     # -- turning examples into tensors and running the method ------------------------------------
 
     def instruction(self, base, source, attribute):
-        try:
-            return self.cfg.instruction_template.format(base=base, source=source, attribute=attribute)
-        except (KeyError, IndexError) as err:
-            raise ValueError(f"The instruction template {self.cfg.instruction_template!r} needs {err}: pass "
-                             "base_entity= and source_entity= (or use a template without them).") from None
+        values = dict(base=base, source=source, attribute=attribute)
+        needed = {name for _, name, _, _ in string.Formatter().parse(self.cfg.instruction_template) if name}
+        missing = sorted(n for n in needed if values.get(n) is None)
+        if missing:
+            raise ValueError(f"The instruction template {self.cfg.instruction_template!r} needs {missing}: pass "
+                             "base_entity= and source_entity= (or use a template without them).")
+        return self.cfg.instruction_template.format(**values)
 
     def collate(self, examples):
         """Examples with the official fields -> tokenized base (with its answer), source and instruction."""
@@ -625,15 +632,21 @@ class HyperDAS:
     @torch.no_grad()
     def evaluate(self, data, mode="soft", batch_size=32, progress=True):
         """Teacher-forced exact match of the first `eval_tokens` answer tokens under the intervention:
-        {'cause', 'isolate', 'disentangle', 'per_attribute': {attribute: {...}}}."""
-        check_mode(mode)
+        {'cause', 'isolate', 'disentangle', 'n', 'per_attribute': {attribute: {...}}}."""
         examples = self.examples(data, "test")
+        return scores(examples, self.correct(examples, mode, batch_size, progress))
+
+    @torch.no_grad()
+    def correct(self, examples, mode="soft", batch_size=32, progress=False):
+        """Per example: does the intervened model produce its label? In input order, so a short last
+        batch cannot be mapped to the wrong rows (an official evaluation bug)."""
+        check_mode(mode)
         self.net.eval()
-        correct = []         # appended in order, so a short last batch can't map to the wrong rows
+        result = []
         for i in tqdm(range(0, len(examples), batch_size), disable=not progress, desc=f"eval {mode}"):
             logits, labels, _, _ = self.forward(examples[i:i + batch_size], mode)
-            correct += answer_correct(logits, labels, self.cfg.eval_tokens).tolist()
-        return scores(examples, correct)
+            result += answer_correct(logits, labels, self.cfg.eval_tokens).tolist()
+        return result
 
     @torch.no_grad()
     def intervene(self, base_prompt, counterfactual_prompt, concept, base_entity=None, source_entity=None,
@@ -759,3 +772,100 @@ class DAS(HyperDAS):
         weights[rows, last(source["visible"]), j] = 1.0  # which takes the source's last entity token
         basis = torch.stack([self.net.bases[self.attributes.index(c)].weight for c in batch["concepts"]])
         return weights, basis, h_source
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: python hyperdas.py --domain verb
+
+
+def preset_for(name):
+    """The settings table row for a target model name (None: the offline toy target)."""
+    if name is None:
+        return "toy"
+    lowered = name.lower()
+    return "tinyllama" if "tinyllama" in lowered else "llama3-8b" if "llama-3" in lowered else None
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Train and evaluate HyperDAS (or the DAS baseline) on a RAVEL domain; "
+                                "print the cause / isolate / disentangle table and save the checkpoint.")
+    p.add_argument("--domain", default="verb", help="RAVEL domain: city, nobel_prize_winner, occupation, "
+                   "physical_object, verb, or all (default: verb)")
+    p.add_argument("--model", help="Hugging Face id or local path of the target LM (default: the offline toy "
+                   "target trained on the domain's RAVEL facts, built on first use and cached)")
+    p.add_argument("--method", choices=("hyperdas", "das"), default="hyperdas",
+                   help="hyperdas, or das: one static subspace per attribute at the last entity token")
+    p.add_argument("--layer", type=int, help="intervene on hidden_states[layer] (default: from the model's preset)")
+    p.add_argument("--feature_dim", type=int, help="subspace dimension k (default: from the preset)")
+    p.add_argument("--num_blocks", type=int, help="hypernetwork decoder blocks (default: from the preset)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: from the preset)")
+    p.add_argument("--batch_size", type=int, help="batch size (default: from the preset)")
+    p.add_argument("--lr", type=float, help="hypernetwork learning rate (default: from the preset)")
+    p.add_argument("--n_train", type=int, default=6000, help="RAVEL pairs generated for training, before the "
+                   "model filter (default: 6000)")
+    p.add_argument("--n_test", type=int, default=2000, help="RAVEL pairs generated for testing, before the "
+                   "model filter (default: 2000)")
+    p.add_argument("--evaluate", action="store_true", help="only evaluate the checkpoint given by --model_path")
+    p.add_argument("--model_path", help="checkpoint directory to evaluate (with --evaluate)")
+    p.add_argument("--out", help="output directory for the checkpoint and results.json "
+                   "(default: runs/<method>-<domain>-<model>)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and order (default: 0)")
+    return p
+
+
+def print_table(results):
+    print(f"\n{results['method']} on {results['domain']} ({results['model']})")
+    print(f"{'mode':<12} {'attribute':<20} {'cause':>6} {'isolate':>8} {'disentangle':>12}")
+    fmt = lambda x: f"{x:.3f}" if x is not None else "-"
+    for mode, s in results["mode"].items():
+        for name, row in [*s["per_attribute"].items(), ("(all)", s)]:
+            print(f"{mode:<12} {name:<20} {fmt(row['cause']):>6} {fmt(row['isolate']):>8} {fmt(row['disentangle']):>12}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    import ravel_data
+    start = time.time()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if args.evaluate and not args.model_path:
+        raise SystemExit("--evaluate needs --model_path CHECKPOINT_DIR (a directory written by a training run).")
+    preset = preset_for(args.model)
+    if args.model is None:
+        from toy_world import toy_target
+        model, tokenizer = toy_target(args.domain, seed=args.seed, device=args.device)
+    else:
+        model, tokenizer = load_target(args.model, args.device)
+    model_name = args.model or f"toy-{args.domain}"
+    settings = dict(PRESETS.get(preset) or dict(PRESETS["tinyllama"], layer=len(decoder_layers(model)) // 2))
+    settings.update({k: getattr(args, k) for k in ("layer", "feature_dim", "num_blocks", "epochs", "batch_size", "lr")
+                     if getattr(args, k) is not None})
+    epochs, batch_size = settings.pop("epochs"), settings.pop("batch_size")
+    data = lambda split, n: ravel_data.filter_examples(ravel_data.make_examples(args.domain, split, n, args.seed),
+                                                       model, tokenizer)
+    test = data("test", args.n_test)
+    out = Path(args.out or f"runs/{args.method}-{args.domain}-{Path(model_name).name}")
+    if args.evaluate:
+        hd = HyperDAS.load(args.model_path, model, tokenizer)
+    else:
+        train = data("train", args.n_train)
+        if args.method == "das":
+            settings.pop("num_blocks")
+            hd = DAS(model, tokenizer, attributes=sorted({concept_of(e) for e in train}), seed=args.seed, **settings)
+        else:
+            hd = HyperDAS(model, tokenizer, seed=args.seed, **settings)
+        hd.train(train, epochs=epochs, batch_size=batch_size, out_dir=out / "checkpoint", save_every=500)
+    modes = MODES if hd.method == "hyperdas" else ("soft",)   # DAS positions are one-hot already
+    results = {"method": hd.method, "domain": args.domain, "model": model_name,
+               "mode": {m: hd.evaluate(test, mode=m) for m in modes}}
+    results["seconds"] = round(time.time() - start, 1)
+    print_table(results)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "results.json", lambda p: p.write_text(json.dumps(results, indent=2)))
+    print(f"\nsaved {out / 'results.json'} and the checkpoint in {out / 'checkpoint'} ({results['seconds']} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()
