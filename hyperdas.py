@@ -63,6 +63,8 @@ PRESETS = {
     "toy": dict(layer=2, feature_dim=16, num_blocks=2, lr=3e-4, epochs=5, batch_size=32),
 }
 
+SIZES = {"train": 6000, "test": 2000}   # RAVEL pairs generated per split before the model filter
+
 MODES = ("soft", "one_to_many", "one_to_one")   # the paper's Soft / One-to-Many / One-to-One
 
 # ----------------------------------------------------------------------------------------------------
@@ -475,6 +477,14 @@ def concept_of(example):
     return example["edit_instruction"].rsplit(" - ", 1)[-1]
 
 
+def ravel_examples(domain, split, model, tokenizer, n=None, seed=0):
+    """Generate `n` RAVEL pairs of a domain (default: SIZES) and keep those whose label the
+    unintervened target reproduces on verify_text (the paper's filter)."""
+    import ravel_data
+    pairs = ravel_data.make_examples(domain, split, n or SIZES[split], seed)
+    return ravel_data.filter_examples(pairs, model, tokenizer)
+
+
 def atomic_write(path, write):
     tmp = Path(f"{path}.tmp")
     write(tmp)
@@ -623,8 +633,7 @@ class HyperDAS:
 
     def examples(self, data, split):
         if isinstance(data, str):
-            import ravel_data
-            return ravel_data.filter_examples(ravel_data.make_examples(data, split), self.model, self.tokenizer)
+            return ravel_examples(data, split, self.model, self.tokenizer, seed=self.cfg.seed)
         return list(data)
 
     # -- evaluation --------------------------------------------------------------------------------
@@ -801,10 +810,10 @@ def build_parser():
     p.add_argument("--epochs", type=int, help="training epochs (default: from the preset)")
     p.add_argument("--batch_size", type=int, help="batch size (default: from the preset)")
     p.add_argument("--lr", type=float, help="hypernetwork learning rate (default: from the preset)")
-    p.add_argument("--n_train", type=int, default=6000, help="RAVEL pairs generated for training, before the "
-                   "model filter (default: 6000)")
-    p.add_argument("--n_test", type=int, default=2000, help="RAVEL pairs generated for testing, before the "
-                   "model filter (default: 2000)")
+    p.add_argument("--n_train", type=int, default=SIZES["train"], help="RAVEL pairs generated for training, "
+                   f"before the model filter (default: {SIZES['train']})")
+    p.add_argument("--n_test", type=int, default=SIZES["test"], help="RAVEL pairs generated for testing, "
+                   f"before the model filter (default: {SIZES['test']})")
     p.add_argument("--evaluate", action="store_true", help="only evaluate the checkpoint given by --model_path")
     p.add_argument("--model_path", help="checkpoint directory to evaluate (with --evaluate)")
     p.add_argument("--out", help="output directory for the checkpoint and results.json "
@@ -825,7 +834,6 @@ def print_table(results):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    import ravel_data
     start = time.time()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -842,14 +850,12 @@ def main(argv=None):
     settings.update({k: getattr(args, k) for k in ("layer", "feature_dim", "num_blocks", "epochs", "batch_size", "lr")
                      if getattr(args, k) is not None})
     epochs, batch_size = settings.pop("epochs"), settings.pop("batch_size")
-    data = lambda split, n: ravel_data.filter_examples(ravel_data.make_examples(args.domain, split, n, args.seed),
-                                                       model, tokenizer)
-    test = data("test", args.n_test)
+    test = ravel_examples(args.domain, "test", model, tokenizer, args.n_test, args.seed)
     out = Path(args.out or f"runs/{args.method}-{args.domain}-{Path(model_name).name}")
     if args.evaluate:
         hd = HyperDAS.load(args.model_path, model, tokenizer)
     else:
-        train = data("train", args.n_train)
+        train = ravel_examples(args.domain, "train", model, tokenizer, args.n_train, args.seed)
         if args.method == "das":
             settings.pop("num_blocks")
             hd = DAS(model, tokenizer, attributes=sorted({concept_of(e) for e in train}), seed=args.seed, **settings)
