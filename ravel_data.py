@@ -300,7 +300,7 @@ def _draw(rng, dom, names, templates, wiki, kind, attribute, intervened):
     return _example(dom, kind, attribute, intervened, base, source, base_template, source_template)
 
 
-def make_examples(domain, split, n=None, seed=0, attributes=None, path=None) -> list[dict]:
+def make_examples(domain, split, n=None, seed=0, attributes=None, path=None, entities=None) -> list[dict]:
     """Generate about n cause and isolate examples (before any model filtering), as HyperDAS did.
 
     The budget is split like HyperDAS's generator: each of the T target attributes X in `attributes`
@@ -311,7 +311,8 @@ def make_examples(domain, split, n=None, seed=0, attributes=None, path=None) -> 
     4000 (test) per target attribute. domain="all" concatenates the five domains, n // 5 each.
 
     split: "train" uses RAVEL's train templates, "test" its val + test templates; entities are pooled
-    across RAVEL's entity splits, so only templates are disjoint. The same seed gives the same list.
+    across RAVEL's entity splits, so only templates are disjoint. `entities` restricts the pool (e.g. to
+    the ones a small target model was taught). The same seed gives the same list.
     """
     _check_domain(domain, allow_all=True)
     if split not in ("train", "test"):
@@ -320,12 +321,15 @@ def make_examples(domain, split, n=None, seed=0, attributes=None, path=None) -> 
         if attributes is not None:
             raise ValueError("attributes cannot be chosen with domain='all'; each domain uses its defaults.")
         share = None if n is None else n // len(DOMAINS)
-        return [ex for d in DOMAINS for ex in make_examples(d, split, share, seed, None, path)]
+        return [ex for d in DOMAINS for ex in make_examples(d, split, share, seed, None, path, entities)]
     dom = load_domain(domain, path)
     targets = _check_attributes(dom, DEFAULT_ATTRIBUTES[domain] if attributes is None else attributes)
     n = default_n(domain, split, targets) if n is None else n
     templates, wiki = _split_pools(dom, split)
-    names = list(dom.entities)
+    allowed = None if entities is None else set(entities)
+    names = [e for e in dom.entities if allowed is None or e in allowed]
+    if len(names) < 2:
+        raise ValueError(f"Only {len(names)} of the given entities are {domain} entities; need at least 2.")
     # HyperDAS reseeded 42 for every call, so its train and test sets drew the same entity pairs;
     # mixing the domain and split into the seed keeps them independent.
     rng = random.Random(f"{domain}/{split}/{seed}")

@@ -394,3 +394,11 @@ def test_download_and_data_dir_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv("RAVEL_DATA", str(source))
     assert R.data_dir() == tmp_path / "cache" / "hyperdas" / "ravel" / "data"   # a .tgz: unpacked in the cache
     assert R.data_dir(folder) == folder                       # the argument comes first
+
+
+def test_make_examples_restricted_to_given_entities(folder):
+    few = ["run", "walk", "go", "be", "have", "sing"]
+    rows = R.make_examples("verb", "train", 200, seed=1, path=folder, entities=few)
+    assert len(rows) == 200 and all(r["entity"] in few and r["counterfactual_entity"] in few for r in rows)
+    with pytest.raises(ValueError, match="need at least 2"):
+        R.make_examples("verb", "train", 10, path=folder, entities=["run", "Vienna"])
