@@ -1,0 +1,117 @@
+"""Tests of the toy target: it is the model the rest of the project stands on, so check that it is a
+GQA Llama, that its tokenizer behaves as hyperdas.tokenize expects, that it knows its facts, and that
+building it is deterministic and cached. One small world (40 verbs, 150 steps, ~15 s) is trained once."""
+import time
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+import ravel_data
+import toy_world
+from hyperdas import tokenize
+
+SMALL = dict(n_entities=40, steps=150, seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("toy-cache")
+
+
+@pytest.fixture(scope="module")
+def toy(cache):
+    start = time.time()
+    model, tokenizer = toy_world.toy_target("verb", cache_dir=cache, **SMALL)
+    return model, tokenizer, time.time() - start
+
+
+@pytest.fixture(scope="module")
+def world():
+    return toy_world.World(ravel_data.load_domain("verb"), ["Past Tense", "Singular"], SMALL["n_entities"], 0)
+
+
+def logits_of(model, tokenizer, prompts):
+    with torch.no_grad():
+        enc = tokenize(tokenizer, prompts)
+        return model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                     position_ids=enc["position_ids"]).logits
+
+
+def test_model_is_a_grouped_query_llama(toy):
+    model, tokenizer, _ = toy
+    assert isinstance(model, LlamaForCausalLM)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    assert model.config.vocab_size == len(tokenizer) == toy_world.VOCAB_SIZE
+    assert not model.training
+
+
+def test_tokenizer_round_trips_and_never_adds_bos(toy):
+    _, tokenizer, _ = toy
+    for text in ["agree: agreed; look: looked; walk:", ' the word "run" is pronounced as /ˈɹən/',
+                 "walk ; run - Past Tense", "  two spaces, a tab\tand ünïcödé"]:
+        for add in (False, True):
+            ids = tokenizer(text, add_special_tokens=add)["input_ids"]
+            assert tokenizer.bos_token_id not in ids
+            assert tokenizer.decode(ids) == text
+    assert tokenizer.padding_side == "left"
+    assert len({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}) == 3
+    # hyperdas.tokenize adds BOS itself: exactly one per row, first after the left padding.
+    enc = tokenize(tokenizer, ["walk", "agree: agreed; look: looked; walk:"])
+    assert ((enc["input_ids"] == tokenizer.bos_token_id).sum(1) == 1).all()
+    first = enc["attention_mask"].argmax(1)
+    assert (enc["input_ids"][torch.arange(2), first] == tokenizer.bos_token_id).all()
+
+
+def test_model_knows_its_facts(toy, world):
+    model, tokenizer, _ = toy
+    # Measured: 99.4% of seen and 99.6% of held-out pairs after 150 steps on this world.
+    seen = toy_world.accuracy(model, tokenizer, world.eval_rows(world.train_templates, 500, seed=1))
+    held_out = toy_world.accuracy(model, tokenizer, world.eval_rows(world.held_out, 500, seed=1))
+    assert seen["full_answer"] > 0.95
+    assert held_out["full_answer"] > 0.85
+    # The report stored with the model is the one measured on it.
+    stored = model.config.toy_world["accuracy"]["seen"]
+    assert stored == toy_world.accuracy(model, tokenizer, world.eval_rows(world.train_templates, 1000, seed=0))
+
+
+def test_held_out_templates_are_not_trained(world):
+    dom = ravel_data.load_domain("verb")
+    for attribute in world.attributes:
+        held, trained = set(world.held_out[attribute]), set(world.train_templates[attribute])
+        assert len(held) == toy_world.HELD_OUT_TEMPLATES and not held & trained
+        assert held | trained == set(dom.templates[attribute])
+
+
+def test_cached_model_is_reused(toy, cache):
+    model, tokenizer, _ = toy
+    start = time.time()
+    again, again_tokenizer = toy_world.toy_target("verb", cache_dir=cache, **SMALL)
+    assert time.time() - start < 5, "the second call should load from the cache, not train"
+    assert len(list(cache.iterdir())) == 1
+    assert again_tokenizer.get_vocab() == tokenizer.get_vocab()
+    prompts = ["agree: agreed; look: looked; walk:", "The past tense of run is"]
+    assert torch.equal(logits_of(again, again_tokenizer, prompts), logits_of(model, tokenizer, prompts))
+
+
+def test_same_seed_same_model_other_seed_another(toy, tmp_path):
+    model, tokenizer, _ = toy
+    twin, twin_tokenizer = toy_world.toy_target("verb", cache_dir=tmp_path, **SMALL)
+    assert twin_tokenizer.get_vocab() == tokenizer.get_vocab()
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), name
+    other, _ = toy_world.toy_target("verb", cache_dir=tmp_path, **{**SMALL, "seed": 1, "steps": 1})
+    assert len(list(tmp_path.iterdir())) == 2
+    assert not torch.equal(other.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="Unknown RAVEL domain"):
+        toy_world.toy_target("planet", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="Unknown attribute"):
+        toy_world.toy_target("verb", attributes=["Colour"], cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="n_entities"):
+        toy_world.toy_target("verb", n_entities=1, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="steps"):
+        toy_world.toy_target("verb", steps=0, cache_dir=tmp_path)
+    assert not list(tmp_path.iterdir())
