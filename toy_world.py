@@ -11,11 +11,17 @@ for its interventions to mean anything. So we train one in a few CPU minutes:
     plain text Wikipedia sentences filled with their entity, and the templates of the domain's other
                attributes (verb Definition, Pronunciation) filled with an entity, with the loss on every
                token: HyperDAS reads these as source prompts, so they must be in distribution too
+    routing    interchange training at the entity: the answer must follow the source entity's state
+               when it is patched into the base entity at a random intermediate layer. Left alone, a
+               4-layer model copies the entity token to the last position in its first layer and looks
+               facts up there, so patching the entity at any later layer changes nothing (measured: 0 of
+               200); large LMs instead enrich the entity's own states with its attributes, and that is
+               the structure HyperDAS and DAS look for
 
 The text format is exactly the one hyperdas.tokenize builds (BOS added once, the official space rule,
 left padding), so what the model learned is what HyperDAS and the RAVEL filter will ask it.
 
-    model, tokenizer = toy_target("verb")        # ~3.5 min on 2 CPU cores the first time, then cached
+    model, tokenizer = toy_target("verb")        # ~2.5 min on 2 CPU cores the first time, then cached
     python toy_world.py --domain verb             # build or reuse it and print what it knows
 """
 import argparse
@@ -35,7 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import ravel_data
-from hyperdas import answer_correct, answer_separator, tokenize
+from hyperdas import answer_correct, answer_separator, patch_layer, tokenize
 
 # Bump when anything below changes what a given set of arguments trains; it is part of the cache key.
 RECIPE_VERSION = 1
@@ -46,9 +52,9 @@ MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_at
 VOCAB_SIZE = 4096
 SPECIAL_TOKENS = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
-# Training: each step sees FACT_BATCH facts and TEXT_BATCH plain-text rows, in two forwards so the short
-# fact prompts are not padded to the length of Wikipedia sentences.
-FACT_BATCH, TEXT_BATCH = 64, 8
+# Training: each step sees FACT_BATCH facts, TEXT_BATCH plain-text rows and SWAP_BATCH interchange pairs,
+# in separate forwards so the short fact prompts are not padded to the length of Wikipedia sentences.
+FACT_BATCH, TEXT_BATCH, SWAP_BATCH = 64, 8, 32
 LR, WARMUP, WEIGHT_DECAY = 3e-3, 100, 0.01
 # Training steps per domain: verb knows 99.6% of its seen pairs after 1,000 steps, city (350 x 6 facts)
 # about 96% after 1,500. The other three were sized like city, not measured.
@@ -100,6 +106,14 @@ class World:
         known = set(names)
         self.wiki = [(t, e if e in known else None) for t, e in dom.wiki.items()]
         self.other_templates = [t for a, ts in dom.templates.items() if a not in self.attributes for t in ts]
+        # Source prompts for interchange training: what HyperDAS reads as a source (a template of any
+        # attribute, or a Wikipedia sentence about the entity), held-out templates excepted. Sentences that
+        # glue letters onto the entity ("%sing") are left out: there the entity has no token of its own.
+        self.source_templates = [t for ts in self.train_templates.values() for t in ts] + self.other_templates
+        self.wiki_of = {}
+        for t, e in dom.wiki.items():
+            if e in known and not t[t.index("%s") + 2:][:1].isalnum():
+                self.wiki_of.setdefault(e, []).append(t)
 
     def fact(self, rng, templates=None):
         """(prompt, answer) for a random entity, attribute and template."""
@@ -113,6 +127,17 @@ class World:
             return rng.choice(self.other_templates) % rng.choice(self.entities)
         template, entity = rng.choice(self.wiki)
         return template % (entity or rng.choice(self.entities))
+
+    def swap(self, rng, base_templates=None):
+        """An interchange pair (attribute, base template, base entity, source template, source entity):
+        with the source entity's state patched in at the base entity, the base template asks `attribute`
+        and should be answered with the source entity's value."""
+        attribute = rng.choice(self.attributes)
+        base, source = rng.sample(self.entities, 2)
+        base_template = rng.choice((base_templates or self.train_templates)[attribute])
+        wiki = self.wiki_of.get(source)
+        source_template = rng.choice(wiki if wiki and rng.random() < 0.25 else self.source_templates)
+        return attribute, base_template, base, source_template, source
 
     def eval_rows(self, templates, n, seed):
         """Up to n distinct (prompt, answer) pairs over `templates` (all of them when there are fewer)."""
@@ -166,10 +191,10 @@ def answer_logits(model, enc):
     return model(**inputs(enc), logits_to_keep=keep).logits                       # [B, keep, V]
 
 
-def fact_loss(model, enc):
-    """Cross-entropy on the answer tokens only: the prompt is given, the fact is what is learned."""
-    logits = answer_logits(model, enc)
-    target = enc["labels"][:, enc["labels"].shape[1] - logits.shape[1] + 1:]      # [B, keep-1]
+def answer_loss(logits, labels):
+    """Cross-entropy on the answer tokens only (logits of the last `keep` positions): the prompt is
+    given, the fact is what is learned."""
+    target = labels[:, labels.shape[1] - logits.shape[1] + 1:]                    # [B, keep-1]
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100)
 
 
@@ -178,6 +203,29 @@ def text_loss(model, enc):
     logits = model(**inputs(enc)).logits                                          # [B, T, V]
     target = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, :-1] == 0, -100)  # BOS is never a target
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100)
+
+
+def last_entity_token(enc):
+    """Index of the last visible token of each left-padded row (tokenize(..., visible_chars=...))."""
+    T = enc["visible"].shape[1]
+    return T - 1 - enc["visible"].flip(1).int().argmax(1)                         # [B]
+
+
+def interchange(model, tokenizer, world, pairs, layer):
+    """Answer logits of the base prompts with hidden_states[layer] at the base entity's last token
+    replaced by the source entity's, taken from the source prompt (full-vector activation patching).
+    The labels are the source entity's values."""
+    prefix = lambda template, entity: len(template[:template.index("%s")] + entity)
+    base = tokenize(tokenizer, [bt % be for _, bt, be, _, _ in pairs], [world.values[se][a] for a, _, _, _, se in pairs],
+                    visible_chars=[prefix(bt, be) for _, bt, be, _, _ in pairs])
+    source = tokenize(tokenizer, [st % se for _, _, _, st, se in pairs],
+                      visible_chars=[prefix(st, se) for _, _, _, st, se in pairs])
+    rows = torch.arange(len(pairs))
+    states = model(**inputs(source), output_hidden_states=True, logits_to_keep=1).hidden_states[layer]
+    patch = states[rows, last_entity_token(source)]                               # [B, d]
+    at = last_entity_token(base)
+    with patch_layer(model, layer, lambda h: h.index_put((rows, at), patch)):
+        return answer_logits(model, base), base["labels"]
 
 
 def learning_rate(step, steps):
@@ -199,9 +247,15 @@ def train(model, tokenizer, world, steps, seed, progress=True):
     for step in bar:
         facts = [world.fact(rng) for _ in range(FACT_BATCH)]
         texts = [world.text(rng) for _ in range(TEXT_BATCH)]
-        loss_facts = fact_loss(model, tokenize(tokenizer, *zip(*facts)))
+        pairs = [world.swap(rng) for _ in range(SWAP_BATCH)]
+        facts_enc = tokenize(tokenizer, *zip(*facts))
+        loss_facts = answer_loss(answer_logits(model, facts_enc), facts_enc["labels"])
         loss_text = text_loss(model, tokenize(tokenizer, texts))
-        loss = loss_facts + 0.5 * loss_text
+        # Interchange intervention training (Geiger et al., ICML 2022) at a random intermediate layer: the
+        # answer must follow the patched entity state, so facts are read from the entity (module docstring).
+        layer = rng.randrange(1, model.config.num_hidden_layers)
+        loss_swap = answer_loss(*interchange(model, tokenizer, world, pairs, layer))
+        loss = loss_facts + 0.5 * loss_text + loss_swap
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, steps)
         loss.backward()
@@ -209,7 +263,8 @@ def train(model, tokenizer, world, steps, seed, progress=True):
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 10 == 0:
-            bar.set_postfix(facts=f"{loss_facts.item():.3f}", text=f"{loss_text.item():.2f}")
+            bar.set_postfix(facts=f"{loss_facts.item():.3f}", text=f"{loss_text.item():.2f}",
+                            swap=f"{loss_swap.item():.3f}")
     model.eval()
     return model
 
@@ -226,9 +281,29 @@ def accuracy(model, tokenizer, rows, batch_size=128):
     return {"first_token": first / len(rows), "full_answer": full / len(rows), "n": len(rows)}
 
 
+@torch.no_grad()
+def interchange_accuracy(model, tokenizer, world, layer, n=500, seed=0, batch_size=125):
+    """How often patching the source entity's hidden_states[layer] into the base entity makes the model
+    give the source's value, on pairs whose values differ (base prompts from held-out templates, so
+    neither the prompt nor the patched pair was trained on)."""
+    rng = random.Random(f"swap-eval/{seed}")
+    pairs = []
+    while len(pairs) < n:
+        a, bt, be, st, se = world.swap(rng, world.held_out)
+        if world.values[be][a] != world.values[se][a]:
+            pairs.append((a, bt, be, st, se))
+    correct = 0
+    for i in range(0, n, batch_size):
+        logits, labels = interchange(model, tokenizer, world, pairs[i:i + batch_size], layer)
+        correct += answer_correct(logits, labels).sum().item()
+    return correct / n
+
+
 def report(world, model, tokenizer, seed):
     return {"seen": accuracy(model, tokenizer, world.eval_rows(world.train_templates, EVAL_ROWS, seed)),
-            "held_out": accuracy(model, tokenizer, world.eval_rows(world.held_out, EVAL_ROWS, seed))}
+            "held_out": accuracy(model, tokenizer, world.eval_rows(world.held_out, EVAL_ROWS, seed)),
+            "entity_patching": {layer: interchange_accuracy(model, tokenizer, world, layer, seed=seed)
+                                for layer in range(1, model.config.num_hidden_layers)}}
 
 
 def describe(info):
@@ -236,7 +311,9 @@ def describe(info):
     return (f"toy {info['domain']} target: {len(info['entities'])} entities x {info['attributes']}, "
             f"{info['steps']} steps ({info['train_seconds']:.0f} s)\n"
             f"  seen (entity, template) pairs: {fmt(info['accuracy']['seen'])}\n"
-            f"  held-out templates:            {fmt(info['accuracy']['held_out'])}")
+            f"  held-out templates:            {fmt(info['accuracy']['held_out'])}\n"
+            f"  patching the entity's hidden_states[L] moves the answer: " +
+            ", ".join(f"L={layer} {acc:.1%}" for layer, acc in info["accuracy"]["entity_patching"].items()))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -244,8 +321,8 @@ def describe(info):
 
 
 @contextlib.contextmanager
-def quiet_saving(quiet):
-    """Hide transformers' "Writing model shards" bar when the caller asked for no progress output."""
+def quiet_transformers(quiet):
+    """Hide transformers' loading and saving bars when the caller asked for no progress output."""
     from transformers.utils import logging
     was_enabled = logging.is_progress_bar_enabled()
     if quiet:
@@ -258,15 +335,17 @@ def quiet_saving(quiet):
 
 
 def toy_target(domain, attributes=None, n_entities=None, steps=None, seed=0, cache_dir=None, data=None,
-               progress=True):
+               progress=True, device=None):
     """A small LlamaForCausalLM and its tokenizer that know the RAVEL facts of `domain`.
 
     attributes: the attributes taught as facts (default ravel_data.DEFAULT_ATTRIBUTES[domain]).
     n_entities: use a random subset of this many entities (default DEFAULT_ENTITIES[domain]; None there
     means all). steps: training steps (default 1,000 for verb, 1,500 otherwise). data: the RAVEL data (see ravel_data).
     The result is saved under cache_dir ($HYPERDAS_CACHE, else ~/.cache/hyperdas/toy) in a folder keyed
-    by every argument that changes it, and loaded from there on the next call. The model is on CPU in
-    eval mode; `model.config.toy_world` records its entities, held-out templates and measured accuracy.
+    by every argument that changes it, and loaded from there on the next call. Training always runs on
+    CPU (so the cached model does not depend on the machine); the model is returned on `device` (default
+    CPU) in eval mode. `model.config.toy_world` records its entities, held-out templates and accuracy.
+    With progress, a bar shows training and the accuracy report is printed (also when loaded).
     """
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
     if domain not in ravel_data.DOMAINS:
@@ -288,8 +367,11 @@ def toy_target(domain, attributes=None, n_entities=None, steps=None, seed=0, cac
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_root(cache_dir) / f"{domain}-{digest}"
     if (folder / "config.json").exists():
-        model = LlamaForCausalLM.from_pretrained(folder).eval()
-        return model, PreTrainedTokenizerFast.from_pretrained(folder)
+        with quiet_transformers(not progress):
+            model = LlamaForCausalLM.from_pretrained(folder).eval()
+        if progress:
+            print(f"{describe(model.config.toy_world)}\n  (cached in {folder})")
+        return model.to(device or "cpu"), PreTrainedTokenizerFast.from_pretrained(folder)
 
     start = time.time()
     world = World(dom, attributes, n_entities, seed)
@@ -309,7 +391,7 @@ def toy_target(domain, attributes=None, n_entities=None, steps=None, seed=0, cac
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        with quiet_saving(not progress):
+        with quiet_transformers(not progress):
             model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.rename(tmp, folder)
@@ -318,7 +400,7 @@ def toy_target(domain, attributes=None, n_entities=None, steps=None, seed=0, cac
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return model, tokenizer
+    return model.to(device or "cpu"), tokenizer
 
 
 def main():
@@ -336,7 +418,6 @@ def main():
     args = parser.parse_args()
     model, tokenizer = toy_target(args.domain, args.attributes, args.n_entities, args.steps, args.seed,
                                   args.cache_dir, args.data)
-    print(describe(model.config.toy_world))
     print(f"{model.num_parameters():,} parameters, vocabulary {len(tokenizer):,}")
 
 
