@@ -479,9 +479,11 @@ def concept_of(example):
 
 def ravel_examples(domain, split, model, tokenizer, n=None, seed=0):
     """Generate `n` RAVEL pairs of a domain (default: SIZES) and keep those whose label the
-    unintervened target reproduces on verify_text (the paper's filter)."""
+    unintervened target reproduces on verify_text (the paper's filter). A toy target draws pairs only
+    from the entities it was taught."""
     import ravel_data
-    pairs = ravel_data.make_examples(domain, split, n or SIZES[split], seed)
+    entities = (getattr(model.config, "toy_world", None) or {}).get("entities")
+    pairs = ravel_data.make_examples(domain, split, n or SIZES[split], seed, entities=entities)
     return ravel_data.filter_examples(pairs, model, tokenizer)
 
 
@@ -585,7 +587,9 @@ class HyperDAS:
         return [p for p in self.net.parameters() if p.requires_grad]
 
     def optimizer(self):
-        basis = {id(p) for name, p in self.net.named_parameters() if ".basis." in name}
+        # Every orthogonally parametrised basis: its Householder diagonal is read through .int(), so any
+        # weight decay would shrink it to 0 and silently delete basis columns.
+        basis = {id(p) for name, p in self.net.named_parameters() if "parametrizations." in name}
         groups = [dict(params=[p for p in self.parameters() if id(p) in basis], lr=self.cfg.basis_lr, weight_decay=0.0),
                   dict(params=[p for p in self.parameters() if id(p) not in basis], lr=self.cfg.lr,
                        weight_decay=self.cfg.weight_decay)]

@@ -449,8 +449,12 @@ def test_das_baseline_patches_last_entity_tokens_at_the_same_layer(model, tok):
     weights, basis, h_source = das.plan(batch)
     assert weights[0, :-1].nonzero().tolist() == [[3, 4]]         # source "Paris" -> base "Vienna"
     assert torch.equal(basis[0], das.net.bases[0].weight)
+    basis_group = [g for g in das.optimizer().param_groups if g["weight_decay"] == 0.0]
+    assert len(basis_group) == 1 and len(basis_group[0]["params"]) == 2 and basis_group[0]["lr"] == das.cfg.basis_lr
     history = das.train(EXAMPLES, epochs=2, batch_size=2, progress=False)
     assert len(history) == 4
+    for basis in das.net.bases:            # still orthonormal after training, no collapsed columns
+        torch.testing.assert_close(basis.weight.T @ basis.weight, torch.eye(8), atol=1e-5, rtol=0)
     only_country = H.DAS(model, tok, attributes=["Country"], layer=2, feature_dim=8)
     with pytest.raises(ValueError, match="bases for"):
         only_country.plan(only_country.collate([example("Oslo", "Lima", concept="Continent")]))
@@ -476,3 +480,57 @@ def test_real_model_opt_in():
     assert isinstance(text, str)
     row = example("Vienna", "Paris")
     assert hd.evaluate([row], progress=False)["n"] == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end: a reduced toy world (40 verbs, Past Tense and Singular), trained here
+
+
+def test_end_to_end_on_a_reduced_toy_world(tmp_path_factory):
+    import copy
+    toy_world = pytest.importorskip("toy_world")
+    try:
+        model, tok = toy_world.toy_target("verb", n_entities=40, steps=150, cache_dir=os.environ.get(
+            "HYPERDAS_TEST_CACHE", tmp_path_factory.mktemp("toy")), progress=False)
+        train = H.ravel_examples("verb", "train", model, tok, n=1600)
+        test = H.ravel_examples("verb", "test", model, tok, n=400)
+    except FileNotFoundError as err:
+        pytest.skip(f"RAVEL data not available: {err}")
+    assert len(train) > 1000 and len(test) > 250
+    cause_rows = [e for e in test if e["attribute_type"] == "causal"]
+    hd = H.HyperDAS(model, tok, layer=2, feature_dim=16, num_blocks=2, lr=3e-4)
+    hd.train(train, epochs=3, batch_size=32, progress=False)
+    learned = hd.evaluate(cause_rows, progress=False)["cause"]
+
+    # Controls on the same rows: no intervention at all, and the learned subspace at random positions.
+    generator = torch.Generator().manual_seed(0)
+
+    def control(choose):
+        def plan(batch):
+            weights, basis, h_source = hd.plan(batch)
+            return choose(weights, batch), basis, h_source
+        ctrl = copy.copy(hd)
+        ctrl.plan = plan
+        return ctrl.evaluate(cause_rows, progress=False)["cause"]
+    none = control(lambda weights, batch: keep_only(weights))
+    rand = control(lambda weights, batch: random_one_hot(weights, batch, generator))
+    assert none < 0.05                 # cause labels are the source's value, never the base's
+    assert learned > 0.6 and learned > max(none, rand) + 0.4, (learned, none, rand)
+
+
+def keep_only(weights):
+    out = torch.zeros_like(weights)
+    out[:, -1] = 1
+    return out
+
+
+def random_one_hot(weights, batch, generator):
+    """Each row: one random visible source token written into one random visible base token."""
+    out = keep_only(weights)
+    for b in range(weights.shape[0]):
+        src = batch["source"]["visible"][b].nonzero().flatten()
+        dst = batch["base"]["visible"][b].nonzero().flatten()
+        i = src[torch.randint(len(src), (1,), generator=generator)]
+        j = dst[torch.randint(len(dst), (1,), generator=generator)]
+        out[b, -1, j], out[b, i, j] = 0, 1
+    return out
