@@ -844,6 +844,8 @@ def main(argv=None):
     if args.evaluate and not args.model_path:
         raise SystemExit("--evaluate needs --model_path CHECKPOINT_DIR (a directory written by a training run).")
     preset = preset_for(args.model)
+    if args.model is None and args.domain == "all":
+        raise SystemExit("The toy target knows one domain; --domain all needs a real model: pass --model.")
     if args.model is None:
         from toy_world import toy_target
         model, tokenizer = toy_target(args.domain, seed=args.seed, device=args.device)
