@@ -83,7 +83,7 @@ def test_facts_are_read_from_the_entity(toy, world):
     for layer in (1, 2, 3):
         # Measured: 99% at each layer on this world.
         assert toy_world.interchange_accuracy(model, tokenizer, world, layer, n=200, seed=1) > 0.9
-    assert model.config.toy_world["accuracy"]["entity_patching"][2] > 0.9
+    assert model.config.toy_world["accuracy"]["entity_patching"]["2"] > 0.9
 
 
 def test_held_out_templates_are_not_trained(world):

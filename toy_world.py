@@ -115,11 +115,10 @@ class World:
             if e in known and not t[t.index("%s") + 2:][:1].isalnum():
                 self.wiki_of.setdefault(e, []).append(t)
 
-    def fact(self, rng, templates=None):
-        """(prompt, answer) for a random entity, attribute and template."""
-        templates = templates or self.train_templates
+    def fact(self, rng):
+        """(prompt, answer) for a random entity, attribute and trained template."""
         entity, attribute = rng.choice(self.entities), rng.choice(self.attributes)
-        return rng.choice(templates[attribute]) % entity, self.values[entity][attribute]
+        return rng.choice(self.train_templates[attribute]) % entity, self.values[entity][attribute]
 
     def text(self, rng):
         """One plain-text row: a Wikipedia sentence or another attribute's prompt, filled with an entity."""
@@ -216,7 +215,8 @@ def interchange(model, tokenizer, world, pairs, layer):
     replaced by the source entity's, taken from the source prompt (full-vector activation patching).
     The labels are the source entity's values."""
     prefix = lambda template, entity: len(template[:template.index("%s")] + entity)
-    base = tokenize(tokenizer, [bt % be for _, bt, be, _, _ in pairs], [world.values[se][a] for a, _, _, _, se in pairs],
+    answers = [world.values[se][a] for a, _, _, _, se in pairs]
+    base = tokenize(tokenizer, [bt % be for _, bt, be, _, _ in pairs], answers,
                     visible_chars=[prefix(bt, be) for _, bt, be, _, _ in pairs])
     source = tokenize(tokenizer, [st % se for _, _, _, st, se in pairs],
                       visible_chars=[prefix(st, se) for _, _, _, st, se in pairs])
@@ -302,7 +302,8 @@ def interchange_accuracy(model, tokenizer, world, layer, n=500, seed=0, batch_si
 def report(world, model, tokenizer, seed):
     return {"seen": accuracy(model, tokenizer, world.eval_rows(world.train_templates, EVAL_ROWS, seed)),
             "held_out": accuracy(model, tokenizer, world.eval_rows(world.held_out, EVAL_ROWS, seed)),
-            "entity_patching": {layer: interchange_accuracy(model, tokenizer, world, layer, seed=seed)
+            # JSON keys are strings: the same dict before saving and after loading.
+            "entity_patching": {str(layer): interchange_accuracy(model, tokenizer, world, layer, seed=seed)
                                 for layer in range(1, model.config.num_hidden_layers)}}
 
 
@@ -340,7 +341,7 @@ def toy_target(domain, attributes=None, n_entities=None, steps=None, seed=0, cac
 
     attributes: the attributes taught as facts (default ravel_data.DEFAULT_ATTRIBUTES[domain]).
     n_entities: use a random subset of this many entities (default DEFAULT_ENTITIES[domain]; None there
-    means all). steps: training steps (default 1,000 for verb, 1,500 otherwise). data: the RAVEL data (see ravel_data).
+    means all). steps: training steps (default DEFAULT_STEPS[domain]). data: the RAVEL data (ravel_data).
     The result is saved under cache_dir ($HYPERDAS_CACHE, else ~/.cache/hyperdas/toy) in a folder keyed
     by every argument that changes it, and loaded from there on the next call. Training always runs on
     CPU (so the cached model does not depend on the machine); the model is returned on `device` (default
@@ -409,11 +410,13 @@ def main():
     parser.add_argument("--domain", default="verb", choices=ravel_data.DOMAINS, help="RAVEL entity type")
     parser.add_argument("--attributes", nargs="+", default=None,
                         help="attributes taught as facts (default: the domain's HyperDAS attributes)")
-    parser.add_argument("--n-entities", type=int, default=None,
+    parser.add_argument("--n_entities", type=int, default=None,
                         help="use a random subset of this many entities (default: per-domain size)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 1000 for verb, 1500 otherwise)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (default: DEFAULT_STEPS, 1000 for verb, 1500 otherwise)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world, tokenizer and weights")
-    parser.add_argument("--cache-dir", default=None, help="cache folder (default $HYPERDAS_CACHE or ~/.cache/hyperdas/toy)")
+    parser.add_argument("--cache_dir", default=None,
+                        help="cache folder (default: $HYPERDAS_CACHE, else ~/.cache/hyperdas/toy)")
     parser.add_argument("--data", default=None, help="RAVEL data.tgz or data/ folder (default $RAVEL_DATA)")
     args = parser.parse_args()
     model, tokenizer = toy_target(args.domain, args.attributes, args.n_entities, args.steps, args.seed,
