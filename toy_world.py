@@ -56,8 +56,9 @@ SPECIAL_TOKENS = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 # in separate forwards so the short fact prompts are not padded to the length of Wikipedia sentences.
 FACT_BATCH, TEXT_BATCH, SWAP_BATCH = 64, 8, 32
 LR, WARMUP, WEIGHT_DECAY = 3e-3, 100, 0.01
-# Training steps per domain: verb knows 99.6% of its seen pairs after 1,000 steps, city (350 x 6 facts)
-# about 96% after 1,500. The other three were sized like city, not measured.
+# Training steps per domain. Measured: verb (986 x 2 facts) knows 99.6% of its seen pairs after 1,000 steps
+# (~2.5 min on 2 cores), city (350 x 6) 99.8% after 1,500 (~9 min on 1 core, an estimated 5-6 on 2: prompts are
+# longer). The other three were sized like city, not measured.
 DEFAULT_STEPS = {"city": 1500, "nobel_prize_winner": 1500, "occupation": 1500, "physical_object": 1500,
                  "verb": 1000}
 
