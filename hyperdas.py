@@ -848,7 +848,7 @@ def main(argv=None):
         raise SystemExit("The toy target knows one domain; --domain all needs a real model: pass --model.")
     if args.model is None:
         from toy_world import toy_target
-        model, tokenizer = toy_target(args.domain, seed=args.seed, device=args.device)
+        model, tokenizer = toy_target(args.domain, device=args.device)   # one target for every --seed
     else:
         model, tokenizer = load_target(args.model, args.device)
     model_name = args.model or f"toy-{args.domain}"

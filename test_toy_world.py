@@ -16,8 +16,8 @@ SMALL = dict(n_entities=40, steps=150, seed=0, progress=False)
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("toy-cache")
+def cache(toy_cache):
+    return toy_cache          # shared with the end-to-end test in test_hyperdas.py (conftest.py)
 
 
 @pytest.fixture(scope="module")
