@@ -875,7 +875,8 @@ def main(argv=None):
     print_table(results)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "results.json", lambda p: p.write_text(json.dumps(results, indent=2)))
-    print(f"\nsaved {out / 'results.json'} and the checkpoint in {out / 'checkpoint'} ({results['seconds']} s)")
+    saved = "" if args.evaluate else f" and the checkpoint in {out / 'checkpoint'}"
+    print(f"\nsaved {out / 'results.json'}{saved} ({results['seconds']} s)")
     return results
 
 
