@@ -664,12 +664,16 @@ class HyperDAS:
     @torch.no_grad()
     def intervene(self, base_prompt, counterfactual_prompt, concept, base_entity=None, source_entity=None,
                   max_new_tokens=8, mode="soft", return_positions=False):
-        """Greedy continuation of base_prompt with `concept` taken from counterfactual_prompt. Whole prompts
-        are visible to the hypernetwork. With return_positions, also the (base token, source token,
+        """Greedy continuation of base_prompt with `concept` taken from counterfactual_prompt. The
+        hypernetwork sees each prompt up to its named entity (the whole prompt if none is named).
+        With return_positions, also the (base token, source token,
         weight) pairs it chose: every base position whose largest share is a source token."""
         self.net.eval()
         tok = self.tokenizer
-        batch = self.batch(tokenize(tok, [base_prompt]), tokenize(tok, [counterfactual_prompt]),
+        # As in training, the hypernetwork sees each prompt up to its entity when the entity is named.
+        upto = lambda prompt, entity: [prompt.index(entity) + len(entity)] if entity and entity in prompt else None
+        batch = self.batch(tokenize(tok, [base_prompt], visible_chars=upto(base_prompt, base_entity)),
+                           tokenize(tok, [counterfactual_prompt], visible_chars=upto(counterfactual_prompt, source_entity)),
                            tokenize(tok, [self.instruction(base_entity, source_entity, concept)]), [concept])
         base = batch["base"]
         with self.autocast():

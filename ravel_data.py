@@ -402,7 +402,7 @@ def filter_examples(examples, model, tokenizer, batch_size=64, progress=True) ->
     """
     import torch
     from tqdm.auto import tqdm
-    from hyperdas import answer_correct, tokenize
+    from hyperdas import answer_correct, target_inputs, tokenize
 
     device = next(model.parameters()).device
     kept = []
@@ -414,8 +414,7 @@ def filter_examples(examples, model, tokenizer, batch_size=64, progress=True) ->
         enc = {k: v.to(device) for k, v in enc.items()}
         answer_len = int((enc["labels"] != -100).sum(1).max())
         with torch.no_grad():
-            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                           position_ids=enc["position_ids"], logits_to_keep=answer_len + 1).logits
+            logits = model(**target_inputs(enc), logits_to_keep=answer_len + 1).logits
         correct = answer_correct(logits, enc["labels"]).tolist()
         # Pair each verdict with its own row of this batch (no global index arithmetic to get wrong).
         kept += [ex for ex, ok in zip(batch, correct, strict=True) if ok]

@@ -421,7 +421,8 @@ def test_intervene_returns_text_and_positions(model, tok):
 def test_intervene_greedy_token_equals_the_intervened_forward(model, tok):
     hd = new_hd(model, tok)
     text = hd.intervene("the city of Vienna is in", "I love Paris", "Country", "Vienna", "Paris", max_new_tokens=1)
-    batch = hd.batch(H.tokenize(tok, ["the city of Vienna is in"]), H.tokenize(tok, ["I love Paris"]),
+    batch = hd.batch(H.tokenize(tok, ["the city of Vienna is in"], visible_chars=[len("the city of Vienna")]),
+                     H.tokenize(tok, ["I love Paris"]),
                      H.tokenize(tok, ["Vienna ; Paris - Country"]), ["Country"])
     weights, basis, h_source = hd.plan(batch)
     expected = hd.intervened_logits(batch["base"], weights, basis, h_source)[0, -1].argmax().item()
