@@ -478,12 +478,18 @@ def concept_of(example):
 
 
 def ravel_examples(domain, split, model, tokenizer, n=None, seed=0):
-    """Generate `n` RAVEL pairs of a domain (default: SIZES) and keep those whose label the
-    unintervened target reproduces on verify_text (the paper's filter). A toy target draws pairs only
-    from the entities it was taught."""
+    """Generate `n` RAVEL pairs of a domain (default: SIZES, per domain for "all") and keep those whose
+    label the unintervened target reproduces on verify_text (the paper's filter). A toy target draws
+    pairs only from the entities and attributes it was taught."""
     import ravel_data
-    entities = (getattr(model.config, "toy_world", None) or {}).get("entities")
-    pairs = ravel_data.make_examples(domain, split, n or SIZES[split], seed, entities=entities)
+    n = n or SIZES[split] * (len(ravel_data.DOMAINS) if domain == "all" else 1)
+    world = getattr(model.config, "toy_world", None) or {}
+    taught = world.get("attributes")
+    if isinstance(taught, dict):        # a toy world of several domains: {domain: attributes}
+        taught = taught.get(domain)
+    taught = None if domain == "all" else taught
+    pairs = ravel_data.make_examples(domain, split, n, seed, attributes=taught,
+                                     entities=world.get("entities"), isolate_attributes=taught)
     return ravel_data.filter_examples(pairs, model, tokenizer)
 
 
@@ -818,10 +824,10 @@ def build_parser():
     p.add_argument("--epochs", type=int, help="training epochs (default: from the preset)")
     p.add_argument("--batch_size", type=int, help="batch size (default: from the preset)")
     p.add_argument("--lr", type=float, help="hypernetwork learning rate (default: from the preset)")
-    p.add_argument("--n_train", type=int, default=SIZES["train"], help="RAVEL pairs generated for training, "
-                   f"before the model filter (default: {SIZES['train']})")
-    p.add_argument("--n_test", type=int, default=SIZES["test"], help="RAVEL pairs generated for testing, "
-                   f"before the model filter (default: {SIZES['test']})")
+    p.add_argument("--n_train", type=int, help="RAVEL pairs generated for training, before the model filter "
+                   f"(default: {SIZES['train']}, per domain for all)")
+    p.add_argument("--n_test", type=int, help="RAVEL pairs generated for testing, before the model filter "
+                   f"(default: {SIZES['test']}, per domain for all)")
     p.add_argument("--evaluate", action="store_true", help="only evaluate the checkpoint given by --model_path")
     p.add_argument("--model_path", help="checkpoint directory to evaluate (with --evaluate)")
     p.add_argument("--out", help="output directory for the checkpoint and results.json "
@@ -848,8 +854,6 @@ def main(argv=None):
     if args.evaluate and not args.model_path:
         raise SystemExit("--evaluate needs --model_path CHECKPOINT_DIR (a directory written by a training run).")
     preset = preset_for(args.model)
-    if args.model is None and args.domain == "all":
-        raise SystemExit("The toy target knows one domain; --domain all needs a real model: pass --model.")
     if args.model is None:
         from toy_world import toy_target
         model, tokenizer = toy_target(args.domain, device=args.device)   # one target for every --seed

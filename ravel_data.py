@@ -300,30 +300,37 @@ def _draw(rng, dom, names, templates, wiki, kind, attribute, intervened):
     return _example(dom, kind, attribute, intervened, base, source, base_template, source_template)
 
 
-def make_examples(domain, split, n=None, seed=0, attributes=None, path=None, entities=None) -> list[dict]:
+def make_examples(domain, split, n=None, seed=0, attributes=None, path=None, entities=None,
+                  isolate_attributes=None) -> list[dict]:
     """Generate about n cause and isolate examples (before any model filtering), as HyperDAS did.
 
     The budget is split like HyperDAS's generator: each of the T target attributes X in `attributes`
     (default DEFAULT_ATTRIBUTES[domain]) gets n // T, half spent on cause rows for X and half on
-    isolate rows, shared equally by the m default attributes Y other than X. That is n // (2T) cause
-    rows per X and n // (2Tm) isolate rows per (X, Y); see plan(). With one target this is the recipe
+    isolate rows, shared equally by the m attributes Y other than X in `isolate_attributes` (default
+    DEFAULT_ATTRIBUTES[domain]; pass the ones a model knows). That is n // (2T) cause rows per X and
+    n // (2Tm) isolate rows per (X, Y); see plan(). With one target this is the recipe
     of a HyperDAS per-attribute file. n=None uses HyperDAS's sizes, default_n(): 20000 (train) or
     4000 (test) per target attribute. domain="all" concatenates the five domains, n // 5 each.
 
     split: "train" uses RAVEL's train templates, "test" its val + test templates; entities are pooled
     across RAVEL's entity splits, so only templates are disjoint. `entities` restricts the pool (e.g. to
-    the ones a small target model was taught). The same seed gives the same list.
+    the ones a small target model was taught): a list of names, or {domain: names}. The same seed gives
+    the same list.
     """
     _check_domain(domain, allow_all=True)
     if split not in ("train", "test"):
         raise ValueError(f"Unknown split {split!r}; valid splits: train, test.")
     if domain == "all":
-        if attributes is not None:
+        if attributes is not None or isolate_attributes is not None:
             raise ValueError("attributes cannot be chosen with domain='all'; each domain uses its defaults.")
         share = None if n is None else n // len(DOMAINS)
         return [ex for d in DOMAINS for ex in make_examples(d, split, share, seed, None, path, entities)]
+    if isinstance(entities, dict):
+        entities = entities.get(domain, ())
     dom = load_domain(domain, path)
     targets = _check_attributes(dom, DEFAULT_ATTRIBUTES[domain] if attributes is None else attributes)
+    isolates = DEFAULT_ATTRIBUTES[domain] if isolate_attributes is None else isolate_attributes
+    isolates = _check_attributes(dom, isolates) if isolates else []
     n = default_n(domain, split, targets) if n is None else n
     templates, wiki = _split_pools(dom, split)
     allowed = None if entities is None else set(entities)
@@ -335,17 +342,18 @@ def make_examples(domain, split, n=None, seed=0, attributes=None, path=None, ent
     rng = random.Random(f"{domain}/{split}/{seed}")
 
     examples = []
-    for kind, attribute, intervened, count in plan(domain, n, targets):
+    for kind, attribute, intervened, count in plan(domain, n, targets, isolates):
         examples += [_draw(rng, dom, names, templates, wiki, kind, attribute, intervened) for _ in range(count)]
     return examples
 
 
-def plan(domain, n, targets):
-    """How make_examples spends n: (kind, checked attribute, intervened attribute, count) tuples."""
+def plan(domain, n, targets, isolates=None):
+    """How make_examples spends n: (kind, checked attribute, intervened attribute, count) tuples.
+    Isolate rows check the attributes in `isolates` (default DEFAULT_ATTRIBUTES[domain])."""
     rows = []
     for target in targets:
         rows.append(("causal", target, target, n // (2 * len(targets))))
-        others = [a for a in DEFAULT_ATTRIBUTES[domain] if a != target]
+        others = [a for a in (DEFAULT_ATTRIBUTES[domain] if isolates is None else isolates) if a != target]
         rows += [("isolate", other, target, n // (2 * len(targets) * len(others))) for other in others]
     return rows
 

@@ -183,6 +183,20 @@ def test_sizes_follow_the_plan(folder):
     assert one == {("causal", "Duty"): 200, ("isolate", "Industry"): 100, ("isolate", "Work Location"): 100}
 
 
+def test_isolate_attributes_restrict_what_isolates_ask(folder):
+    taught = ["Country", "Continent"]       # e.g. all a small target model knows
+    rows = R.make_examples("city", "test", 800, attributes=taught, isolate_attributes=taught, path=folder)
+    groups = Counter((ex["attribute_type"], R.concept(ex), ex["attribute"]) for ex in rows)
+    assert groups == {("causal", "Country", "Country"): 200, ("causal", "Continent", "Continent"): 200,
+                      ("isolate", "Country", "Continent"): 200, ("isolate", "Continent", "Country"): 200}
+    alone = R.make_examples("city", "test", 800, attributes=["Country"], isolate_attributes=["Country"], path=folder)
+    assert Counter(ex["attribute_type"] for ex in alone) == {"causal": 400}      # nothing else to isolate
+    with pytest.raises(ValueError, match="Unknown attribute"):
+        R.make_examples("city", "test", 80, isolate_attributes=["Capital"], path=folder)
+    with pytest.raises(ValueError, match="domain='all'"):
+        R.make_examples("all", "test", 80, isolate_attributes=["Country"], path=folder)
+
+
 def test_default_size_is_hyperdas_per_attribute_size(folder):
     rows = R.make_examples("occupation", "test", path=folder)
     assert Counter(ex["attribute_type"] for ex in rows) == {"causal": 6000, "isolate": 6000}   # 3 x 4000
@@ -402,3 +416,16 @@ def test_make_examples_restricted_to_given_entities(folder):
     assert len(rows) == 200 and all(r["entity"] in few and r["counterfactual_entity"] in few for r in rows)
     with pytest.raises(ValueError, match="need at least 2"):
         R.make_examples("verb", "train", 10, path=folder, entities=["run", "Vienna"])
+
+
+def test_ravel_examples_asks_a_toy_target_only_what_it_was_taught(folder, monkeypatch):
+    import hyperdas as H
+    monkeypatch.setenv("RAVEL_DATA", str(folder))
+    monkeypatch.setattr(R, "filter_examples", lambda pairs, model, tokenizer: pairs)    # no model needed here
+    cities = sorted(R.load_domain("city", folder).entities)[:60]
+    toy = SimpleNamespace(config=SimpleNamespace(toy_world={"entities": cities, "attributes": ["Country", "Continent"]}))
+    rows = H.ravel_examples("city", "test", toy, tokenizer=None, n=400)
+    assert Counter((ex["attribute_type"], R.concept(ex), ex["attribute"]) for ex in rows) == {
+        ("causal", "Country", "Country"): 100, ("causal", "Continent", "Continent"): 100,
+        ("isolate", "Country", "Continent"): 100, ("isolate", "Continent", "Country"): 100}
+    assert {ex["entity"] for ex in rows} | {ex["counterfactual_entity"] for ex in rows} <= set(cities)

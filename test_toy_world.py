@@ -2,6 +2,7 @@
 GQA Llama, that its tokenizer behaves as hyperdas.tokenize expects, that it knows its facts, and that
 that it reads them from the entity (what HyperDAS looks for), and that building it is deterministic
 and cached. One small world (40 verbs, 150 steps, ~20 s on 2 cores) is trained once."""
+import random
 import time
 
 import pytest
@@ -127,3 +128,45 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="steps"):
         toy_world.toy_target("verb", steps=0, cache_dir=tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_the_all_world_keeps_each_row_within_one_domain():
+    worlds = [toy_world.World(ravel_data.load_domain(d), ravel_data.DEFAULT_ATTRIBUTES[d], 12, 0)
+              for d in ravel_data.DOMAINS]
+    mixture = toy_world.Mixture(worlds)
+    by_attribute = {a: w for w in worlds for a in w.attributes}
+    assert len(by_attribute) == len(mixture.attributes) == 20          # attribute names are unique
+    rng = random.Random(0)
+    facts = [mixture.fact(rng) for _ in range(3000)]
+    for prompt, answer in facts[:300]:       # each is a true fact of some world, from a trained template
+        assert any(prompt == t % e and w.values[e][a] == answer
+                   for w in worlds for a in w.attributes for t in w.train_templates[a] for e in w.entities)
+    swaps = [mixture.swap(rng) for _ in range(2000)]
+    for s in swaps:
+        owner = [w for w in worlds if s.base in w.entities and s.source in w.entities
+                 and s.base_template in {t for ts in w.train_templates.values() for t in ts}]
+        assert len(owner) == 1
+        a = next(a for a in owner[0].attributes if s.base_template in owner[0].train_templates[a])
+        assert (s.answer, s.base_answer) == (owner[0].values[s.source][a], owner[0].values[s.base][a])
+    # Each domain's share of swaps follows its share of facts (12 entities x its attributes).
+    share = {w.domain: sum(s.base in w.entities for s in swaps) / len(swaps) for w in worlds}
+    assert abs(share["city"] - 6 / 20) < 0.05 and abs(share["verb"] - 2 / 20) < 0.05
+    rows = mixture.eval_rows(mixture.held_out, 500, seed=0)       # 100 per domain, or all it has
+    assert rows == [row for w in worlds for row in w.eval_rows(w.held_out, 100, seed=0)]
+    assert len(rows) == 4 * 100 + 2 * 3 * 12                            # verb: 2 attributes x 3 templates x 12
+
+
+def test_all_target_knows_its_domains_and_ravel_examples_respects_them(tmp_path, monkeypatch):
+    import hyperdas
+    model, _ = toy_world.toy_target("all", n_entities=8, steps=3, cache_dir=tmp_path, progress=False)
+    info = model.config.toy_world
+    assert {d: len(e) for d, e in info["entities"].items()} == {d: 8 for d in ravel_data.DOMAINS}
+    assert info["attributes"] == {d: ravel_data.DEFAULT_ATTRIBUTES[d] for d in ravel_data.DOMAINS}
+    monkeypatch.setattr(ravel_data, "filter_examples", lambda pairs, model, tokenizer: pairs)
+    rows = hyperdas.ravel_examples("all", "test", model, None, n=500)
+    assert {r["domain"] for r in rows} == set(ravel_data.DOMAINS)
+    assert all({r["entity"], r["counterfactual_entity"]} <= set(info["entities"][r["domain"]]) for r in rows)
+    city = hyperdas.ravel_examples("city", "test", model, None, n=120)
+    assert {r["domain"] for r in city} == {"city"} and {r["entity"] for r in city} <= set(info["entities"]["city"])
+    with pytest.raises(ValueError, match="attributes cannot be chosen"):
+        toy_world.toy_target("all", attributes=["Country"], cache_dir=tmp_path)

@@ -35,6 +35,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,11 @@ DEFAULT_STEPS = {"city": 1500, "nobel_prize_winner": 1500, "occupation": 1500, "
 # (3,552 x 6) and nobel (926 x 5) are cut to a random subset of that size.
 DEFAULT_ENTITIES = {"city": 350, "nobel_prize_winner": 450, "occupation": None, "physical_object": None,
                     "verb": None}
+
+# The "all" world (one model that knows all five domains, for `hyperdas.py --domain all`): a subset of each
+# domain, about 2,500 facts in all, and more steps, as five domains' text is more to learn than one.
+ALL_ENTITIES = {"city": 100, "nobel_prize_winner": 100, "occupation": 150, "physical_object": 120, "verb": 250}
+DEFAULT_STEPS["all"] = 2500
 
 # Templates per attribute kept out of training, only to measure whether the model's knowledge transfers
 # to prompts it has never seen (HyperDAS's test templates are new to HyperDAS, not to the target). A few of
@@ -129,21 +135,60 @@ class World:
         return template % (entity or rng.choice(self.entities))
 
     def swap(self, rng, base_templates=None):
-        """An interchange pair (attribute, base template, base entity, source template, source entity):
-        with the source entity's state patched in at the base entity, the base template asks `attribute`
-        and should be answered with the source entity's value."""
+        """An interchange pair: with the source entity's state patched in at the base entity, the base
+        template asks an attribute and should be answered with the source entity's value."""
         attribute = rng.choice(self.attributes)
         base, source = rng.sample(self.entities, 2)
         base_template = rng.choice((base_templates or self.train_templates)[attribute])
         wiki = self.wiki_of.get(source)
         source_template = rng.choice(wiki if wiki and rng.random() < 0.25 else self.source_templates)
-        return attribute, base_template, base, source_template, source
+        return Swap(base_template, base, source_template, source, self.values[source][attribute],
+                    self.values[base][attribute])
 
     def eval_rows(self, templates, n, seed):
         """Up to n distinct (prompt, answer) pairs over `templates` (all of them when there are fewer)."""
         pairs = [(t, e, a) for a in self.attributes for t in templates[a] for e in self.entities]
         pairs = random.Random(f"eval/{seed}").sample(pairs, min(n, len(pairs)))
         return [(t % e, self.values[e][a]) for t, e, a in pairs]
+
+
+class Swap(NamedTuple):
+    base_template: str
+    base: str
+    source_template: str
+    source: str
+    answer: str          # the source entity's value: the label once the source state is patched in
+    base_answer: str     # the base entity's own value
+
+
+class Mixture:
+    """Several domains' worlds taught to one model: each fact, text and swap comes from one world, drawn
+    in proportion to its number of facts. Attribute names differ across RAVEL's domains, so per-attribute
+    template tables merge; entity names do not always ("watch" is a verb and an object), so values stay
+    with their world."""
+
+    def __init__(self, worlds):
+        self.worlds, self.domain = worlds, "all"
+        self.weights = [len(w.entities) * len(w.attributes) for w in worlds]
+        self.entities = {w.domain: w.entities for w in worlds}
+        self.attributes = [a for w in worlds for a in w.attributes]
+        self.train_templates = {a: ts for w in worlds for a, ts in w.train_templates.items()}
+        self.held_out = {a: ts for w in worlds for a, ts in w.held_out.items()}
+
+    def pick(self, rng):
+        return rng.choices(self.worlds, self.weights)[0]
+
+    def fact(self, rng):
+        return self.pick(rng).fact(rng)
+
+    def text(self, rng):
+        return self.pick(rng).text(rng)
+
+    def swap(self, rng, base_templates=None):
+        return self.pick(rng).swap(rng, base_templates)
+
+    def eval_rows(self, templates, n, seed):
+        return [row for w in self.worlds for row in w.eval_rows(templates, n // len(self.worlds), seed)]
 
 
 def render(prompt, answer):
@@ -211,16 +256,15 @@ def last_entity_token(enc):
     return T - 1 - enc["visible"].flip(1).int().argmax(1)                         # [B]
 
 
-def interchange(model, tokenizer, world, pairs, layer):
+def interchange(model, tokenizer, pairs, layer):
     """Answer logits of the base prompts with hidden_states[layer] at the base entity's last token
     replaced by the source entity's, taken from the source prompt (full-vector activation patching).
     The labels are the source entity's values."""
     prefix = lambda template, entity: len(template[:template.index("%s")] + entity)
-    answers = [world.values[se][a] for a, _, _, _, se in pairs]
-    base = tokenize(tokenizer, [bt % be for _, bt, be, _, _ in pairs], answers,
-                    visible_chars=[prefix(bt, be) for _, bt, be, _, _ in pairs])
-    source = tokenize(tokenizer, [st % se for _, _, _, st, se in pairs],
-                      visible_chars=[prefix(st, se) for _, _, _, st, se in pairs])
+    base = tokenize(tokenizer, [p.base_template % p.base for p in pairs], [p.answer for p in pairs],
+                    visible_chars=[prefix(p.base_template, p.base) for p in pairs])
+    source = tokenize(tokenizer, [p.source_template % p.source for p in pairs],
+                      visible_chars=[prefix(p.source_template, p.source) for p in pairs])
     rows = torch.arange(len(pairs))
     states = model(**inputs(source), output_hidden_states=True, logits_to_keep=1).hidden_states[layer]
     patch = states[rows, last_entity_token(source)]                               # [B, d]
@@ -255,7 +299,7 @@ def train(model, tokenizer, world, steps, seed, progress=True):
         # Interchange intervention training (Geiger et al., ICML 2022) at a random intermediate layer: the
         # answer must follow the patched entity state, so facts are read from the entity (module docstring).
         layer = rng.randrange(1, model.config.num_hidden_layers)
-        loss_swap = answer_loss(*interchange(model, tokenizer, world, pairs, layer))
+        loss_swap = answer_loss(*interchange(model, tokenizer, pairs, layer))
         loss = loss_facts + 0.5 * loss_text + loss_swap
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, steps)
@@ -290,12 +334,12 @@ def interchange_accuracy(model, tokenizer, world, layer, n=500, seed=0, batch_si
     rng = random.Random(f"swap-eval/{seed}")
     pairs = []
     while len(pairs) < n:
-        a, bt, be, st, se = world.swap(rng, world.held_out)
-        if world.values[be][a] != world.values[se][a]:
-            pairs.append((a, bt, be, st, se))
+        pair = world.swap(rng, world.held_out)
+        if pair.answer != pair.base_answer:
+            pairs.append(pair)
     correct = 0
     for i in range(0, n, batch_size):
-        logits, labels = interchange(model, tokenizer, world, pairs[i:i + batch_size], layer)
+        logits, labels = interchange(model, tokenizer, pairs[i:i + batch_size], layer)
         correct += answer_correct(logits, labels).sum().item()
     return correct / n
 
@@ -310,7 +354,11 @@ def report(world, model, tokenizer, seed):
 
 def describe(info):
     fmt = lambda r: f"first token {r['first_token']:.1%}, full answer {r['full_answer']:.1%} (n={r['n']})"
-    return (f"toy {info['domain']} target: {len(info['entities'])} entities x {info['attributes']}, "
+    entities, attributes = info["entities"], info["attributes"]
+    if isinstance(entities, dict):      # the "all" world: {domain: ...}
+        entities = [e for names in entities.values() for e in names]
+        attributes = [a for names in attributes.values() for a in names]
+    return (f"toy {info['domain']} target: {len(entities)} entities x {attributes}, "
             f"{info['steps']} steps ({info['train_seconds']:.0f} s)\n"
             f"  seen (entity, template) pairs: {fmt(info['accuracy']['seen'])}\n"
             f"  held-out templates:            {fmt(info['accuracy']['held_out'])}\n"
@@ -336,9 +384,15 @@ def quiet_transformers(quiet):
             logging.enable_progress_bar()
 
 
+def entity_count(dom, n):
+    """None ("all of them") when n covers the domain: the same world, so the same cache entry."""
+    return None if n is not None and n >= len(dom.entities) else n
+
+
 def toy_target(domain, attributes=None, n_entities=None, steps=None, seed=0, cache_dir=None, data=None,
                progress=True, device=None):
-    """A small LlamaForCausalLM and its tokenizer that know the RAVEL facts of `domain`.
+    """A small LlamaForCausalLM and its tokenizer that know the RAVEL facts of `domain` ("all": of all five
+    domains at once, ALL_ENTITIES of each, with n_entities, when given, the size of every domain's subset).
 
     attributes: the attributes taught as facts (default ravel_data.DEFAULT_ATTRIBUTES[domain]).
     n_entities: use a random subset of this many entities (default DEFAULT_ENTITIES[domain]; None there
@@ -350,16 +404,22 @@ def toy_target(domain, attributes=None, n_entities=None, steps=None, seed=0, cac
     With progress, a bar shows training and the accuracy report is printed (also when loaded).
     """
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-    if domain not in ravel_data.DOMAINS:
-        raise ValueError(f"Unknown RAVEL domain {domain!r}; valid domains: {', '.join(ravel_data.DOMAINS)}.")
-    dom = ravel_data.load_domain(domain, data)
-    attributes = list(ravel_data.DEFAULT_ATTRIBUTES[domain] if attributes is None else attributes)
-    unknown = [a for a in attributes if a not in dom.attributes]
-    if unknown or not attributes:
-        raise ValueError(f"Unknown attribute(s) {unknown} for {domain}; valid: {', '.join(dom.attributes)}.")
-    n_entities = DEFAULT_ENTITIES[domain] if n_entities is None else n_entities
-    if n_entities is not None and n_entities >= len(dom.entities):
-        n_entities = None   # "all of them": the same world, so the same cache entry
+    if domain == "all":
+        if attributes is not None:
+            raise ValueError("attributes cannot be chosen for the 'all' world: it is taught each domain's defaults.")
+        doms = [ravel_data.load_domain(d, data) for d in ravel_data.DOMAINS]
+        attributes = {d.name: list(ravel_data.DEFAULT_ATTRIBUTES[d.name]) for d in doms}
+        n_entities = {d.name: entity_count(d, ALL_ENTITIES[d.name] if n_entities is None else n_entities)
+                      for d in doms}
+    elif domain in ravel_data.DOMAINS:
+        dom = ravel_data.load_domain(domain, data)
+        attributes = list(ravel_data.DEFAULT_ATTRIBUTES[domain] if attributes is None else attributes)
+        unknown = [a for a in attributes if a not in dom.attributes]
+        if unknown or not attributes:
+            raise ValueError(f"Unknown attribute(s) {unknown} for {domain}; valid: {', '.join(dom.attributes)}.")
+        n_entities = entity_count(dom, DEFAULT_ENTITIES[domain] if n_entities is None else n_entities)
+    else:
+        raise ValueError(f"Unknown RAVEL domain {domain!r}; valid domains: {', '.join(ravel_data.DOMAINS)}, all.")
     steps = DEFAULT_STEPS[domain] if steps is None else steps
     if steps < 1:
         raise ValueError(f"steps={steps} must be at least 1.")
@@ -376,7 +436,10 @@ def toy_target(domain, attributes=None, n_entities=None, steps=None, seed=0, cac
         return model.to(device or "cpu"), PreTrainedTokenizerFast.from_pretrained(folder)
 
     start = time.time()
-    world = World(dom, attributes, n_entities, seed)
+    if domain == "all":
+        world = Mixture([World(d, attributes[d.name], n_entities[d.name], seed) for d in doms])
+    else:
+        world = World(dom, attributes, n_entities, seed)
     # The tokenizer learns from the same mix of text the model trains on.
     rng = random.Random(f"tokenizer/{seed}")
     corpus = [render(*world.fact(rng)) for _ in range(20000)] + [world.text(rng) for _ in range(5000)]
@@ -408,7 +471,8 @@ def toy_target(domain, attributes=None, n_entities=None, steps=None, seed=0, cac
 def main():
     parser = argparse.ArgumentParser(description="Build (or reuse) the toy target model for a RAVEL domain "
                                                  "and print how well it knows its facts.")
-    parser.add_argument("--domain", default="verb", choices=ravel_data.DOMAINS, help="RAVEL entity type")
+    parser.add_argument("--domain", default="verb", choices=(*ravel_data.DOMAINS, "all"),
+                        help="RAVEL entity type, or all: one model that knows all five")
     parser.add_argument("--attributes", nargs="+", default=None,
                         help="attributes taught as facts (default: the domain's HyperDAS attributes)")
     parser.add_argument("--n_entities", type=int, default=None,
