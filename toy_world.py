@@ -1,4 +1,5 @@
-"""A toy world: a small Llama trained from scratch to know the RAVEL facts of one domain.
+"""A toy world: a small Llama trained from scratch to know the RAVEL facts of one domain (or, as
+toy_target("all"), of a subset of every domain at once).
 
 No pretrained weights can be downloaded here, yet HyperDAS needs a target model that *knows* facts
 for its interventions to mean anything. So we train one in a few CPU minutes:
@@ -23,6 +24,7 @@ left padding), so what the model learned is what HyperDAS and the RAVEL filter w
 
     model, tokenizer = toy_target("verb")        # ~2.5 min on 2 CPU cores the first time, then cached
     python toy_world.py --domain verb             # build or reuse it and print what it knows
+    python toy_world.py --domain all              # one model for all five domains (~20 min)
 """
 import argparse
 import contextlib
