@@ -170,3 +170,17 @@ def test_all_target_knows_its_domains_and_ravel_examples_respects_them(tmp_path,
     assert {r["domain"] for r in city} == {"city"} and {r["entity"] for r in city} <= set(info["entities"]["city"])
     with pytest.raises(ValueError, match="attributes cannot be chosen"):
         toy_world.toy_target("all", attributes=["Country"], cache_dir=tmp_path)
+
+
+def test_command_line_domain_all_trains_one_model_on_the_all_world(tmp_path, monkeypatch):
+    import hyperdas
+    tiny = toy_world.toy_target("all", n_entities=8, steps=3, cache_dir=tmp_path / "toy", progress=False)
+    monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None: tiny if domain == "all" else None)
+    monkeypatch.setattr(ravel_data, "filter_examples", lambda pairs, model, tokenizer: pairs)  # 3 steps know nothing
+    every = {a for attributes in ravel_data.DEFAULT_ATTRIBUTES.values() for a in attributes}
+    for method in ("hyperdas", "das"):
+        results = hyperdas.main(["--domain", "all", "--method", method, "--n_train", "200", "--n_test", "400",
+                                 "--epochs", "1", "--out", str(tmp_path / method)])
+        assert (results["method"], results["domain"], results["model"]) == (method, "all", "toy-all")
+        assert set(results["mode"]["soft"]["per_attribute"]) == every          # 20 attributes, one model
+        assert (tmp_path / method / "results.json").exists()
