@@ -486,10 +486,9 @@ def ravel_examples(domain, split, model, tokenizer, n=None, seed=0):
     import ravel_data
     n = n or SIZES[split] * (len(ravel_data.DOMAINS) if domain == "all" else 1)
     world = getattr(model.config, "toy_world", None) or {}
-    taught = world.get("attributes")
-    if isinstance(taught, dict):        # a toy world of several domains: {domain: attributes}
+    taught = None if domain == "all" else world.get("attributes")   # the all world knows each domain's defaults
+    if isinstance(taught, dict):        # the all world asked for one domain: {domain: attributes}
         taught = taught.get(domain)
-    taught = None if domain == "all" else taught
     pairs = ravel_data.make_examples(domain, split, n, seed, attributes=taught,
                                      entities=world.get("entities"), isolate_attributes=taught)
     return ravel_data.filter_examples(pairs, model, tokenizer)
@@ -678,7 +677,6 @@ class HyperDAS:
         weight) pairs it chose: every base position whose largest share is a source token."""
         self.net.eval()
         tok = self.tokenizer
-        # As in training, the hypernetwork sees each prompt up to its entity when the entity is named.
         upto = lambda prompt, entity: [prompt.index(entity) + len(entity)] if entity and entity in prompt else None
         batch = self.batch(tokenize(tok, [base_prompt], visible_chars=upto(base_prompt, base_entity)),
                            tokenize(tok, [counterfactual_prompt], visible_chars=upto(counterfactual_prompt, source_entity)),

@@ -329,8 +329,8 @@ def make_examples(domain, split, n=None, seed=0, attributes=None, path=None, ent
         entities = entities.get(domain, ())
     dom = load_domain(domain, path)
     targets = _check_attributes(dom, DEFAULT_ATTRIBUTES[domain] if attributes is None else attributes)
-    isolates = DEFAULT_ATTRIBUTES[domain] if isolate_attributes is None else isolate_attributes
-    isolates = _check_attributes(dom, isolates) if isolates else []
+    if isolate_attributes:
+        _check_attributes(dom, isolate_attributes)
     n = default_n(domain, split, targets) if n is None else n
     templates, wiki = _split_pools(dom, split)
     allowed = None if entities is None else set(entities)
@@ -342,7 +342,7 @@ def make_examples(domain, split, n=None, seed=0, attributes=None, path=None, ent
     rng = random.Random(f"{domain}/{split}/{seed}")
 
     examples = []
-    for kind, attribute, intervened, count in plan(domain, n, targets, isolates):
+    for kind, attribute, intervened, count in plan(domain, n, targets, isolate_attributes):
         examples += [_draw(rng, dom, names, templates, wiki, kind, attribute, intervened) for _ in range(count)]
     return examples
 

@@ -59,11 +59,11 @@ SPECIAL_TOKENS = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 # in separate forwards so the short fact prompts are not padded to the length of Wikipedia sentences.
 FACT_BATCH, TEXT_BATCH, SWAP_BATCH = 64, 8, 32
 LR, WARMUP, WEIGHT_DECAY = 3e-3, 100, 0.01
-# Training steps per domain. Measured: verb (986 x 2 facts) knows 99.6% of its seen pairs after 1,000 steps
-# (~2.5 min on 2 cores), city (350 x 6) 99.8% after 1,500 (~9 min on 1 core, an estimated 5-6 on 2: prompts are
-# longer). The other three were sized like city, not measured.
+# Training steps per domain, and the share of seen (entity, template) pairs each default target then gets
+# fully right: verb 99.6%, city 99.4%, occupation 98.0%, physical_object 87.4%, nobel 67.3% (years are hard
+# for this size), all 99.3%. Build times are in the README.
 DEFAULT_STEPS = {"city": 1500, "nobel_prize_winner": 1500, "occupation": 1500, "physical_object": 1500,
-                 "verb": 1000}
+                 "verb": 1000, "all": 2500}
 
 # Entities per domain. A toy world with about 2,000-2,500 (entity, attribute) facts trains to high accuracy
 # in DEFAULT_STEPS; verb (986 x 2), occupation (799 x 3) and physical_object (563 x 4) fit whole, city
@@ -72,9 +72,8 @@ DEFAULT_ENTITIES = {"city": 350, "nobel_prize_winner": 450, "occupation": None, 
                     "verb": None}
 
 # The "all" world (one model that knows all five domains, for `hyperdas.py --domain all`): a subset of each
-# domain, about 2,500 facts in all, and more steps, as five domains' text is more to learn than one.
+# domain, about 2,500 facts in all, and more steps (DEFAULT_STEPS), as five domains' text is more to learn.
 ALL_ENTITIES = {"city": 100, "nobel_prize_winner": 100, "occupation": 150, "physical_object": 120, "verb": 250}
-DEFAULT_STEPS["all"] = 2500
 
 # Templates per attribute kept out of training, only to measure whether the model's knowledge transfers
 # to prompts it has never seen (HyperDAS's test templates are new to HyperDAS, not to the target). A few of
@@ -480,7 +479,7 @@ def main():
     parser.add_argument("--n_entities", type=int, default=None,
                         help="use a random subset of this many entities (default: per-domain size)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps (default: DEFAULT_STEPS, 1000 for verb, 1500 otherwise)")
+                        help="training steps (default: DEFAULT_STEPS, 1000 for verb, 2500 for all, 1500 otherwise)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world, tokenizer and weights")
     parser.add_argument("--cache_dir", default=None,
                         help="cache folder (default: $HYPERDAS_CACHE, else ~/.cache/hyperdas/toy)")
