@@ -3,7 +3,7 @@
 Sun et al., "HyperDAS: Towards Automating Mechanistic Interpretability with Hypernetworks", ICLR 2025.
 
 Given a concept ("the country of a city"), a base prompt ("Vienna is in") and a counterfactual prompt
-("I love Paris"), the hypernetwork reads both prompts' hidden states and
+("I love Paris"), the hypernetwork reads both prompts' hidden states and, as in the paper's Figure 1,
   (1) encodes the concept instruction while cross-attending to the two prompts,
   (2) chooses which source token positions to write into which base token positions,
   (3) builds an orthonormal subspace of the residual stream for the concept, and
@@ -11,25 +11,34 @@ Given a concept ("the country of a city"), a base prompt ("Vienna is in") and a 
       subspace and keep their own outside it.
 It is trained so the model's answer changes exactly as the counterfactual says (cause) and nothing
 else changes (isolate). The file follows that order: configuration, target model access, the
-hypernetwork's parts, steps 2-4, loss, training, evaluation, the `HyperDAS` class, the DAS baseline,
-and the command line. Importing it has no side effects.
+hypernetwork's building blocks, steps 1-4, loss, scores, checkpoints, the `HyperDAS` class, the DAS
+baseline, and the command line. Importing it has no side effects.
 """
 import argparse
 import contextlib
+import hashlib
+import inspect
 import json
 import math
 import os
 import random
+import re
+import shutil
 import string
+import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+
+import ravel_data
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
@@ -40,7 +49,8 @@ class HyperDASConfig:
     layer: int = 15                 # intervene on hidden_states[layer], the stream entering decoder layer `layer`
     feature_dim: int = 128          # k: dimension of the concept subspace
     num_blocks: int = 8             # N: hypernetwork decoder blocks
-    init_from_target: bool = True   # blocks start as copies of the target's first N layers (else random)
+    init_from_target: bool = True   # blocks start as copies of the target's first N layers; False: random blocks
+                                    # (the embedding and final norm are copied either way, as in the official code)
     lr: float = 2e-5                # hypernetwork learning rate
     basis_lr: float = 1e-3          # learning rate of the shared orthonormal basis (never weight-decayed)
     weight_decay: float = 0.01
@@ -56,18 +66,28 @@ class HyperDASConfig:
     seed: int = 0
 
 
-# Settings per target model. "llama3-8b" is the paper's; the others are scaled to the model's depth.
+# The paper's settings (Llama-3-8B: 32 layers, hidden size 4096), and the offline toy target's. Other
+# models get the paper's row scaled to their depth and width (settings_for).
+PAPER = dict(layer=15, feature_dim=128, num_blocks=8, lr=2e-5, epochs=3, batch_size=16)
 # "toy": lr 1e-3 at batch 16 beat 3e-4 at batch 32 (which ended still recovering from the sparsity loss's
 # switch-on) on four of the five toy domains; city does better at 5e-4 (README, "Choosing the preset").
-PRESETS = {
-    "llama3-8b": dict(layer=15, feature_dim=128, num_blocks=8, lr=2e-5, epochs=3, batch_size=16),
-    "tinyllama": dict(layer=10, feature_dim=64, num_blocks=4, lr=3e-5, epochs=3, batch_size=16),
-    "toy": dict(layer=2, feature_dim=16, num_blocks=2, lr=1e-3, epochs=5, batch_size=16),
-}
+TOY = dict(layer=2, feature_dim=16, num_blocks=2, lr=1e-3, epochs=5, batch_size=16)
 
 SIZES = {"train": 6000, "test": 2000}   # RAVEL pairs generated per split before the model filter
 
 MODES = ("soft", "one_to_many", "one_to_one")   # the paper's Soft / One-to-Many / One-to-One
+
+
+def settings_for(model):
+    """(settings, why) for a target: the toy preset for a toy target; otherwise the paper's Llama-3-8B row
+    scaled by depth and width: layer 15/32 of the depth, k = hidden/32, N = depth/4 blocks (at most 8)."""
+    if getattr(model.config, "toy_world", None):
+        return dict(TOY), "the toy target's preset"
+    n, d = len(decoder_layers(model)), model.config.hidden_size
+    settings = dict(PAPER, layer=round(n * 15 / 32), feature_dim=max(8, d // 32), num_blocks=max(1, min(8, n // 4)))
+    why = "the paper's Llama-3-8B row" if settings == PAPER else f"the paper's row scaled to {n} layers x {d} wide"
+    return settings, why
+
 
 # ----------------------------------------------------------------------------------------------------
 # Target model access: load, tokenize, hidden states, and the one hook we place.
@@ -88,16 +108,54 @@ def freeze(model):
     return model
 
 
-def decoder_layers(model):
-    """The target's list of decoder layers (Llama, Mistral, Qwen, Gemma keep them at model.model.layers)."""
-    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
+def default_tokenizer(model):
+    """The tokenizer saved with the model (from_pretrained records where the model came from)."""
+    from transformers import AutoTokenizer
+    source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"No tokenizer given and none found for the model at {source!r} ({err}); "
+                         "pass tokenizer=AutoTokenizer.from_pretrained(...).") from None
+
+
+def module_at(model, paths):
+    """The first of the dotted attribute paths that exists on the model, else None."""
+    for path in paths:
         module = model
         for name in path.split("."):
             module = getattr(module, name, None)
-        if isinstance(module, nn.ModuleList):
+        if module is not None:
             return module
+    return None
+
+
+def decoder_layers(model):
+    """The target's list of decoder layers (Llama, Mistral, Qwen, Gemma keep them at model.model.layers)."""
+    layers = module_at(model, ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"))
+    if isinstance(layers, nn.ModuleList):
+        return layers
     raise ValueError(f"Cannot find the decoder layers of {type(model).__name__}: HyperDAS supports models "
                      "that keep them at model.model.layers (Llama, TinyLlama, Llama-3, Mistral, Qwen).")
+
+
+def final_norm(model):
+    """The norm applied after the last decoder layer (None if the model has none we know of)."""
+    return module_at(model, ("model.norm", "model.decoder.final_layer_norm", "transformer.ln_f",
+                             "gpt_neox.final_layer_norm"))
+
+
+def target_rope(model):
+    """The target's rotary frequencies and output scaling, taken from its own rotary module, so that rope
+    scaling (Llama-3.1's "llama3", "linear", "yarn") is what the hypernetwork uses too. Cross-attention key
+    positions reach tokens x (layers + 1), about 1,650 at Llama size, where scaling does matter."""
+    rotary = module_at(model, ("model.rotary_emb", "rotary_emb"))
+    if rotary is not None:
+        return rotary.inv_freq.detach().float().cpu(), float(getattr(rotary, "attention_scaling", 1.0))
+    tc = model.config   # no rotary module: plain rope from the config's theta
+    theta = (getattr(tc, "rope_parameters", None) or {}).get("rope_theta", getattr(tc, "rope_theta", 1e4))
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    return theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim), 1.0
 
 
 def check_layer(model, layer):
@@ -133,47 +191,101 @@ def answer_separator(prompt):
     return "" if not prompt or prompt[-1].isspace() or prompt[-1] in "\"'(" else " "
 
 
+def encode(tokenizer, strings):
+    return tokenizer(list(strings), add_special_tokens=False)["input_ids"]
+
+
+def answer_ids(tokenizer, prompts, answers, prompt_ids):
+    """The ids that follow each prompt's own ids for separator + answer, so the answer is exactly its own
+    tokens: the full text's ids after the prompt's when its tokenization starts with them; else (a merge
+    across the boundary: byte-level BPE with Llama-3's split regex turns '"' + '-12' into '"-', '12') the
+    answer tokenized alone, when prompt + answer then decode to the same text; None when neither holds."""
+    tails = [answer_separator(p) + a for p, a in zip(prompts, answers)]
+    full, alone = encode(tokenizer, [p + t for p, t in zip(prompts, tails)]), encode(tokenizer, tails)
+    out = []
+    for p, f, a in zip(prompt_ids, full, alone):
+        if f[:len(p)] == p and len(f) > len(p):
+            out.append(f[len(p):])
+        elif a and tokenizer.decode(p + a) == tokenizer.decode(f):
+            out.append(a)
+        else:
+            out.append(None)
+    return out
+
+
+def visible_count(prompt_ids, part_ids):
+    """How many of the prompt's tokens start within its first characters (whose own tokens are part_ids):
+    the shared prefix, plus the token that straddles the boundary if one does (it carries the entity's end)."""
+    m = 0
+    while m < min(len(prompt_ids), len(part_ids)) and prompt_ids[m] == part_ids[m]:
+        m += 1
+    return m if m == len(part_ids) else min(m + 1, len(prompt_ids))
+
+
 def tokenize(tokenizer, prompts, answers=None, visible_chars=None):
     """BOS + prompt [+ separator + answer] for each row, left-padded into one batch.
 
-    BOS is added by hand exactly once (tokenizers that add their own would give two; official bug).
-    `visible` marks the tokens the hypernetwork may read and intervene on: BOS and the first
-    visible_chars[i] characters of the prompt (the whole prompt by default). `labels` is -100 except on
-    the answer tokens. Boundaries come from tokenizing the prompt pieces the way they occur in the text."""
-    texts = list(prompts) if answers is None else [p + answer_separator(p) + a for p, a in zip(prompts, answers)]
-    visible_parts = list(prompts) if visible_chars is None else [p[:n] for p, n in zip(prompts, visible_chars)]
-    encode = lambda strings: tokenizer(strings, add_special_tokens=False)["input_ids"]
+    BOS is added by hand exactly once (tokenizers that add their own would give two; official bug). The
+    answer is exactly its own tokens (answer_ids); a row where that cannot be had is an error here, and
+    filter_examples drops (and counts) such rows. `visible` marks the tokens the hypernetwork may read and
+    intervene on: BOS and every prompt token that starts within the first visible_chars[i] characters
+    (the whole prompt by default). `labels` is -100 except on the answer tokens."""
+    prompts = list(prompts)
+    ids = encode(tokenizer, prompts)
+    tails = [[] for _ in prompts] if answers is None else answer_ids(tokenizer, prompts, list(answers), ids)
+    for prompt, answer, tail in zip(prompts, answers or prompts, tails):
+        if tail is None:
+            raise ValueError(f"The answer {answer!r} after the prompt {prompt[-30:]!r} cannot be tokenized as "
+                             "tokens of its own with this tokenizer; filter_examples drops such rows.")
+    if visible_chars is None:
+        n_visible = [len(p) for p in ids]
+    else:
+        n_visible = [visible_count(p, v) for p, v in zip(ids, encode(tokenizer, [p[:n] for p, n in zip(prompts, visible_chars)]))]
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    rows = [bos + ids for ids in encode(texts)]
-    n_prompt = [len(bos) + len(ids) for ids in encode(list(prompts))]
-    n_visible = [len(bos) + len(ids) for ids in encode(visible_parts)]
+    rows = [bos + p + t for p, t in zip(ids, tails)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     B, T = len(rows), max(len(r) for r in rows)
     out = dict(input_ids=torch.full((B, T), pad), attention_mask=torch.zeros(B, T, dtype=torch.long),
                visible=torch.zeros(B, T, dtype=torch.bool), labels=torch.full((B, T), -100))
-    for i, ids in enumerate(rows):
-        start = T - len(ids)                                           # left padding
-        out["input_ids"][i, start:] = torch.tensor(ids)
+    for i, row in enumerate(rows):
+        start = T - len(row)                                           # left padding
+        out["input_ids"][i, start:] = torch.tensor(row)
         out["attention_mask"][i, start:] = 1
-        out["visible"][i, start:start + n_visible[i]] = True
-        out["labels"][i, start + n_prompt[i]:] = out["input_ids"][i, start + n_prompt[i]:]
+        out["visible"][i, start:start + len(bos) + n_visible[i]] = True
+        answer_start = start + len(bos) + len(ids[i])
+        out["labels"][i, answer_start:] = out["input_ids"][i, answer_start:]
     out["position_ids"] = (out["attention_mask"].cumsum(1) - 1).clamp(min=0)   # explicit, since left-padded
     return out
 
 
+def answer_window(labels):
+    """How many last positions' logits cover every row's answer predictions (rows are left-padded, so all
+    answers end at the last position): the longest answer + 1. Passed to the model as logits_to_keep."""
+    return int((labels != -100).sum(1).max()) + 1
+
+
+def answer_labels(logits, labels):
+    """The labels that logits covering the last k positions predict: labels[:, T-k+1:], [B, k-1]."""
+    return labels[:, labels.shape[1] - logits.shape[1] + 1:]
+
+
 def answer_correct(logits, labels, first_n=None):
     """Teacher-forced exact match per row: argmax at t-1 equals the label at t for every answer token
-    (only the first `first_n`). logits may cover just the last k positions of the sequence: [B, k, V]."""
-    k = logits.shape[1]
-    target = labels[:, labels.shape[1] - k + 1:]                          # [B, k-1]
+    (only the first `first_n`). A row with no answer token is a miss, never a hit. logits: [B, k, V]."""
+    target = answer_labels(logits, labels)                                # [B, k-1]
     is_answer = target != -100
     if first_n is not None:
         is_answer &= is_answer.cumsum(1) <= first_n
-    return ((logits[:, :-1].argmax(-1) == target) | ~is_answer).all(1)    # [B]
+    return ((logits[:, :-1].argmax(-1) == target) | ~is_answer).all(1) & is_answer.any(1)   # [B]
 
 
 def target_inputs(enc):
     return {k: enc[k] for k in ("input_ids", "attention_mask", "position_ids")}
+
+
+def last_visible(visible):
+    """Index of each left-padded row's last visible token (the entity's last token): [B, T] -> [B]."""
+    return visible.shape[1] - 1 - visible.flip(1).int().argmax(1)
 
 
 @torch.no_grad()
@@ -183,8 +295,59 @@ def hidden_states(model, enc):
     return torch.stack(out.hidden_states, dim=2)
 
 
+def filter_examples(examples, model, tokenizer, batch_size=64, progress=True):
+    """Keep the examples whose label the target model reproduces, every token, on verify_text (the paper's
+    filter), after dropping the rows whose answer cannot be tokenized as tokens of its own (answer_ids).
+
+    One teacher-forced forward pass per batch; each verdict is paired with its own row (HyperDAS ran its
+    filter three times because it mapped the short last batch's rows to the wrong examples)."""
+    label = ravel_data.label
+    separable = lambda prompts, answers: [ids is not None for ids in
+                                          answer_ids(tokenizer, prompts, answers, encode(tokenizer, prompts))]
+    ok = [True] * len(examples)
+    for start in range(0, len(examples), 1024):
+        rows = examples[start:start + 1024]
+        checks = [separable([e["verify_text"] for e in rows], [label(e) for e in rows])]
+        if all("input_prefix" in e for e in rows):   # the training prompt, with its own entity
+            checks.append(separable([e["input_prefix"] + e["input_suffix"] for e in rows], [label(e) for e in rows]))
+        ok[start:start + len(rows)] = [all(c) for c in zip(*checks)]
+    refused = ok.count(False)
+    candidates = [e for e, good in zip(examples, ok) if good]
+    device = next(model.parameters()).device
+    kept = []
+    was_training = model.training
+    model.eval()
+    for start in tqdm(range(0, len(candidates), batch_size), desc="filter", disable=not progress):
+        batch = candidates[start:start + batch_size]
+        enc = tokenize(tokenizer, [e["verify_text"] for e in batch], [label(e) for e in batch])
+        enc = {k: v.to(device) for k, v in enc.items()}
+        with torch.no_grad():
+            logits = model(**target_inputs(enc), logits_to_keep=answer_window(enc["labels"])).logits
+        kept += [e for e, good in zip(batch, answer_correct(logits, enc["labels"]).tolist(), strict=True) if good]
+    model.train(was_training)
+    counts, totals = Counter(e["attribute_type"] for e in kept), Counter(e["attribute_type"] for e in examples)
+    print(f"filter: kept {len(kept)} of {len(examples)} examples (causal {counts['causal']} of {totals['causal']}, "
+          f"isolate {counts['isolate']} of {totals['isolate']}); {refused} refused because the tokenizer merges "
+          "their answer into the prompt", file=sys.stderr)
+    return kept
+
+
+def ravel_examples(domain, split, model, tokenizer, n=None, seed=0, data=None):
+    """Generate `n` RAVEL pairs of a domain (default: SIZES, per domain for "all") and keep those whose
+    label the unintervened target reproduces (filter_examples). A toy target draws pairs only from the
+    entities and attributes it was taught. data: RAVEL's data.tgz or data/ folder (default $RAVEL_DATA)."""
+    n = n or SIZES[split] * (len(ravel_data.DOMAINS) if domain == "all" else 1)
+    world = getattr(model.config, "toy_world", None) or {}
+    taught = None if domain == "all" else world.get("attributes")   # the all world knows each domain's defaults
+    if isinstance(taught, dict):        # the all world asked for one domain: {domain: attributes}
+        taught = taught.get(domain)
+    pairs = ravel_data.make_examples(domain, split, n, seed, attributes=taught, path=data,
+                                     entities=world.get("entities"), isolate_attributes=taught)
+    return filter_examples(pairs, model, tokenizer)
+
+
 # ----------------------------------------------------------------------------------------------------
-# The hypernetwork's parts: the target's own building blocks (RMSNorm, rotary positions, grouped-query
+# The hypernetwork's building blocks: the target's own parts (RMSNorm, rotary positions, grouped-query
 # attention, SwiGLU), written out so that no transformers internals are needed.
 
 
@@ -198,34 +361,44 @@ class RMSNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def rotary(x, pos, theta):
-    """Rotary position embedding in the Llama (rotate-half) layout. x: [B, H, T, dh], pos: [B, T].
-    Rope scaling (Llama-3) is left out: it only changes wavelengths far longer than our prompts."""
-    dh = x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, dh, 2, device=x.device, dtype=torch.float32) / dh)
-    angle = pos[:, None, :, None].float() * inv_freq                      # [B, 1, T, dh/2]
-    cos, sin = angle.cos().repeat(1, 1, 1, 2), angle.sin().repeat(1, 1, 1, 2)
+class Rotary(nn.Module):
+    """cos/sin tables at given positions, from the target's own frequencies and scaling (target_rope)."""
+
+    def __init__(self, inv_freq, scaling=1.0):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.scaling = scaling
+
+    def forward(self, pos):
+        angle = pos[:, None, :, None].float() * self.inv_freq                 # [B, 1, T, dh/2]
+        angle = torch.cat((angle, angle), dim=-1)                              # [B, 1, T, dh]
+        return angle.cos() * self.scaling, angle.sin() * self.scaling
+
+
+def rotate(x, cos, sin):
+    """Rotary position embedding in the Llama (rotate-half) layout. x: [B, H, T, dh], cos/sin: [B, 1, T, dh]."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return (x.float() * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with rotary positions; `mask` [B, Tq, Tk] says who may attend to whom."""
+    """Grouped-query attention from x to memory with rotary positions; `mask` [B, Tq, Tk] says who may
+    attend to whom. Self-attention is the case memory = x."""
 
-    def __init__(self, d, n_heads, n_kv_heads, head_dim, theta):
+    def __init__(self, d, n_heads, n_kv_heads, head_dim):
         super().__init__()
-        self.h, self.h_kv, self.dh, self.theta = n_heads, n_kv_heads, head_dim, theta
+        self.h, self.h_kv, self.dh = n_heads, n_kv_heads, head_dim
         self.q_proj = nn.Linear(d, n_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(d, n_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(d, n_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * head_dim, d, bias=False)
 
-    def forward(self, x, x_pos, memory, memory_pos, mask):
+    def forward(self, x, x_rope, memory, memory_rope, mask):
         B, Tq, Tk = x.shape[0], x.shape[1], memory.shape[1]
         q = self.q_proj(x).view(B, Tq, self.h, self.dh).transpose(1, 2)            # [B, H, Tq, dh]
         k = self.k_proj(memory).view(B, Tk, self.h_kv, self.dh).transpose(1, 2)    # [B, Hkv, Tk, dh]
         v = self.v_proj(memory).view(B, Tk, self.h_kv, self.dh).transpose(1, 2)
-        q, k = rotary(q, x_pos, self.theta), rotary(k, memory_pos, self.theta)
+        q, k = rotate(q, *x_rope), rotate(k, *memory_rope)
         k, v = (t.repeat_interleave(self.h // self.h_kv, dim=1) for t in (k, v))  # [B, H, Tk, dh]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])     # [B, H, Tq, dh]
         return self.o_proj(out.transpose(1, 2).reshape(B, Tq, self.h * self.dh))
@@ -244,25 +417,37 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """One hypernetwork block (official order): causal self-attention over the instruction,
-    cross-attention to the source's hidden states, cross-attention to the base's, then the MLP."""
+    cross-attention to the source's hidden states, cross-attention to the base's, then the MLP.
+    Without its two memories (source=base=None) it computes exactly a target decoder layer it was copied from."""
 
-    def __init__(self, d, n_heads, n_kv_heads, head_dim, d_ff, theta, eps):
+    def __init__(self, d, n_heads, n_kv_heads, head_dim, d_ff, eps):
         super().__init__()
-        attention = lambda: Attention(d, n_heads, n_kv_heads, head_dim, theta)
+        attention = lambda: Attention(d, n_heads, n_kv_heads, head_dim)
         self.self_norm, self.self_attn = RMSNorm(d, eps), attention()
         self.source_norm, self.source_attn = RMSNorm(d, eps), attention()
         self.base_norm, self.base_attn = RMSNorm(d, eps), attention()
         self.mlp_norm, self.mlp = RMSNorm(d, eps), MLP(d, d_ff)
 
-    def forward(self, h, pos, self_mask, source, base):
+    def forward(self, h, rope, self_mask, source=None, base=None):
         x = self.self_norm(h)
-        h = h + self.self_attn(x, pos, x, pos, self_mask)
-        h = h + self.source_attn(self.source_norm(h), pos, *source)
-        h = h + self.base_attn(self.base_norm(h), pos, *base)
+        h = h + self.self_attn(x, rope, x, rope, self_mask)
+        if source is not None:
+            h = h + self.cross(self.source_attn, self.source_norm, h, rope, source)
+        if base is not None:
+            h = h + self.cross(self.base_attn, self.base_norm, h, rope, base)
         return h + self.mlp(self.mlp_norm(h))
 
+    @staticmethod
+    def cross(attn, norm, h, rope, memory):
+        """Cross-attention to memory = (items, rope, mask). The items pass through the same norm as the
+        queries, so the copied k/v projections read RMS-normed states as the target layer's do (the official
+        code fed them unit-length vectors, RMS 1/sqrt(d), with no norm)."""
+        items, items_rope, mask = memory
+        return attn(norm(h), rope, norm(items), items_rope, mask)
+
     def copy_from(self, layer):
-        """Start from a target decoder layer; both cross-attentions are clones of its self-attention."""
+        """Start from a target decoder layer; both cross-attentions are independent clones of its
+        self-attention (official: storage-aliased on CPU, separated only by .to(cuda))."""
         weights = {k: v.detach().float() for k, v in layer.state_dict().items()}
         for attn, norm in ((self.self_attn, self.self_norm), (self.source_attn, self.source_norm),
                            (self.base_attn, self.base_norm)):
@@ -274,17 +459,48 @@ class Block(nn.Module):
         self.mlp_norm.weight.data.copy_(weights["post_attention_layernorm.weight"])
 
 
+# ----------------------------------------------------------------------------------------------------
+# Step 1 (§3, Fig. 1 (1)): concept encoding. The instruction runs through N blocks that read both prompts.
+
+
 def memory(states, visible):
-    """Step 1's view of a prompt: every visible token at every layer, unit-normalised as in the official
-    code, flattened token-major to [B, T*(n_layers+1), d]; rotary positions number the visible items."""
+    """What step 1 reads of a prompt: every visible token at every layer, flattened token-major to
+    [B, T*(n_layers+1), d], with rotary positions numbering the visible items from 0 and their mask."""
     B, T, L1, d = states.shape
-    items = F.normalize(states.float(), dim=-1).reshape(B, T * L1, d)
+    items = states.reshape(B, T * L1, d)
     seen = visible[:, :, None].expand(B, T, L1).reshape(B, T * L1)
     return items, (seen.cumsum(1) - 1).clamp(min=0), seen
 
 
+class ConceptEncoder(nn.Module):
+    """Instruction tokens -> embedding -> N blocks (cross-attending to source and base) -> final norm."""
+
+    def __init__(self, vocab_size, d, heads, kv_heads, head_dim, d_ff, eps, num_blocks, rope):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d)   # the hypernetwork's own trainable copy
+        self.blocks = nn.ModuleList(Block(d, heads, kv_heads, head_dim, d_ff, eps) for _ in range(num_blocks))
+        self.norm = RMSNorm(d, eps)
+        self.rope = rope
+
+    def forward(self, instruction, base, source):
+        """instruction: tokenize() output [B, n]; base, source: memory() triples. -> [B, n, d]."""
+        ids, mask = instruction["input_ids"], instruction["attention_mask"].bool()
+        n = ids.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()
+        # Always causal, padded or not (the official mask vanished for unpadded batches); every row
+        # may see itself, so left-pad rows stay finite.
+        self_mask = (causal & mask[:, None, :]) | torch.eye(n, dtype=torch.bool, device=ids.device)
+        cross = lambda items, pos, seen: (items, self.rope(pos), seen[:, None, :].expand(-1, n, -1))
+        source, base = cross(*source), cross(*base)
+        rope = self.rope(instruction["position_ids"])
+        h = self.embed(ids)                                                            # [B, n, d]
+        for block in self.blocks:
+            h = block(h, rope, self_mask, source, base)
+        return self.norm(h)
+
+
 # ----------------------------------------------------------------------------------------------------
-# Step 2 (paper Fig. 1): pairwise token-position selection.
+# Step 2 (§3, Fig. 1 (2)): pairwise token-position selection.
 
 
 class TokenSelector(nn.Module):
@@ -304,7 +520,7 @@ class TokenSelector(nn.Module):
         self.source_key = nn.Linear(d, pair_dim, bias=False)
         self.keep_key = nn.Parameter(torch.zeros(pair_dim))
         for w in (self.query.weight, self.base_key.weight, self.source_key.weight, self.keep_key):
-            nn.init.normal_(w, std=0.02)    # the init the official head actually ran with
+            nn.init.normal_(w, std=0.02)    # the init the official head actually ran with (its uniform_ was overwritten)
 
     def forward(self, instruction, h_base, base_visible, h_source, source_visible):
         B, Ts = h_source.shape[:2]
@@ -340,7 +556,7 @@ def harden(weights, mode, threshold=0.1):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Step 3 (paper Fig. 1): the concept's orthonormal subspace ("ReflectSelect").
+# Step 3 (§3, Fig. 1 (3)): the concept's orthonormal subspace ("ReflectSelect").
 
 
 def orthonormal_basis(d, k):
@@ -349,6 +565,13 @@ def orthonormal_basis(d, k):
     layer = nn.Linear(k, d, bias=False)                                               # weight: [d, k]
     nn.init.orthogonal_(layer.weight)
     return nn.utils.parametrizations.orthogonal(layer)
+
+
+def basis_weight(basis):
+    """The basis matrix [d, k], computed in fp32 with autocast off: under bf16 autocast the parametrization's
+    matmul would run in bf16 and |W^T W - I| reach 4e-3 at d = 4096."""
+    with torch.autocast(basis.parametrizations.weight.original.device.type, enabled=False):
+        return basis.weight
 
 
 def reflect(basis, v):
@@ -364,12 +587,13 @@ class SubspaceHead(nn.Module):
         self.basis = orthonormal_basis(d, k)
 
     def forward(self, instruction):
-        v = F.normalize(self.mlp(self.norm(instruction)).float(), dim=-1)           # [B, d]
-        return reflect(self.basis.weight, v)                                          # [B, d, k]
+        v = self.mlp(self.norm(instruction))                                          # [B, d]
+        with torch.autocast(instruction.device.type, enabled=False):                 # fp32 (basis_weight)
+            return reflect(basis_weight(self.basis), F.normalize(v.float(), dim=-1))  # [B, d, k]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Step 4 (paper Fig. 1): the interchange intervention.
+# Step 4 (§3, Fig. 1 (4)): the interchange intervention.
 
 
 def interchange(h_base, h_source, weights, basis):
@@ -383,50 +607,38 @@ def interchange(h_base, h_source, weights, basis):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Step 1 and the whole hypernetwork.
+# The whole hypernetwork: steps 1-3 from one unintervened pass of each prompt.
 
 
 class HyperNetwork(nn.Module):
-    """Instruction tokens -> N blocks (reading both prompts) -> selection weights and concept basis."""
+    """Instruction + both prompts' hidden states -> selection weights (step 2) and concept basis (step 3)."""
 
     def __init__(self, target, cfg):
         super().__init__()
         tc = target.config
         d, heads, kv_heads = tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads
         head_dim = getattr(tc, "head_dim", None) or d // heads
-        theta = (getattr(tc, "rope_parameters", None) or {}).get("rope_theta", getattr(tc, "rope_theta", 1e4))
         self.layer = cfg.layer
-        self.embed = nn.Embedding(tc.vocab_size, d)   # the hypernetwork's own trainable copy
-        self.blocks = nn.ModuleList(Block(d, heads, kv_heads, head_dim, tc.intermediate_size, theta,
-                                          tc.rms_norm_eps) for _ in range(cfg.num_blocks))
-        self.norm = RMSNorm(d, tc.rms_norm_eps)
+        self.encoder = ConceptEncoder(tc.vocab_size, d, heads, kv_heads, head_dim, tc.intermediate_size,
+                                      tc.rms_norm_eps, cfg.num_blocks, Rotary(*target_rope(target)))
         self.selector = TokenSelector(d, d)
         self.subspace = SubspaceHead(d, cfg.feature_dim, tc.intermediate_size, tc.rms_norm_eps)
+        # The embedding and final norm start as the target's in both modes (the official code kept them
+        # pretrained also "from scratch"); init_from_target copies the first N decoder layers as well.
+        self.encoder.embed.weight.data.copy_(target.get_input_embeddings().weight.detach().float())
+        norm = final_norm(target)
+        if norm is not None:
+            self.encoder.norm.weight.data.copy_(norm.weight.detach().float())
         if cfg.init_from_target:
             if cfg.num_blocks > len(decoder_layers(target)):
                 raise ValueError(f"num_blocks={cfg.num_blocks} exceeds the target's {len(decoder_layers(target))} "
                                  "layers to copy from; use fewer blocks or init_from_target=False.")
-            self.embed.weight.data.copy_(target.get_input_embeddings().weight.detach().float())
-            for block, layer in zip(self.blocks, decoder_layers(target)):
+            for block, layer in zip(self.encoder.blocks, decoder_layers(target)):
                 block.copy_from(layer)
-
-    def encode(self, instruction, base, source):
-        """Step 1: the instruction's states after N blocks reading the prompts, [B, n, d]."""
-        ids, mask = instruction["input_ids"], instruction["attention_mask"].bool()
-        n = ids.shape[1]
-        causal = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()
-        # Always causal, padded or not (the official mask vanished for unpadded batches); every row
-        # may see itself, so left-pad rows stay finite.
-        self_mask = (causal & mask[:, None, :]) | torch.eye(n, dtype=torch.bool, device=ids.device)
-        as_cross = lambda items, pos, seen: (items, pos, seen[:, None, :].expand(-1, n, -1))
-        h = self.embed(ids)                                                            # [B, n, d]
-        for block in self.blocks:
-            h = block(h, instruction["position_ids"], self_mask, as_cross(*source), as_cross(*base))
-        return self.norm(h)
 
     def forward(self, instruction, base_states, base_visible, source_states, source_visible):
         """instruction: tokenize() output [B, n]; *_states: [B, T, n_layers+1, d] from hidden_states()."""
-        h = self.encode(instruction, memory(base_states, base_visible), memory(source_states, source_visible))
+        h = self.encoder(instruction, memory(base_states, base_visible), memory(source_states, source_visible))
         last = h[:, -1]                         # [B, d]: the last instruction token (left padding)
         unit = lambda states: F.normalize(states[:, :, self.layer].float(), dim=-1)  # layer-L states
         weights = self.selector(last, unit(base_states), base_visible, unit(source_states), source_visible)
@@ -434,14 +646,14 @@ class HyperNetwork(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Loss and schedule (official: causal 3.5, isolate 0.5; sparsity off for half the steps, then a ramp).
+# Loss and schedule (§3 training objective; official: causal 3.5, isolate 0.5; sparsity off for half the
+# steps, then a ramp).
 
 
 def prediction_loss(logits, labels, is_causal, causal_weight, isolate_weight):
     """Teacher-forced cross-entropy on all answer tokens, each example weighted by its kind, averaged
     over answer tokens. logits cover the last k positions: [B, k, V]."""
-    k = logits.shape[1]
-    target = labels[:, labels.shape[1] - k + 1:]                                     # [B, k-1]
+    target = answer_labels(logits, labels)                                          # [B, k-1]
     ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100, reduction="none")
     weight = torch.where(is_causal, causal_weight, isolate_weight)[:, None] * (target != -100)
     return (ce * weight).sum() / (target != -100).sum()
@@ -459,39 +671,40 @@ def sparsity_weight(step, total, cfg):
     return cfg.sparsity_start + (cfg.sparsity_end - cfg.sparsity_start) * step / total
 
 
+# ----------------------------------------------------------------------------------------------------
+# Scores: cause, isolate, and disentangle = their mean.
+
+
 def scores(examples, correct):
-    """cause / isolate accuracy and disentangle = their mean, overall and per intervened attribute."""
+    """Accuracy of cause and isolate rows and disentangle = their mean. The top level is the paper's
+    number, a macro average: per attribute, then over a domain's attributes, then over domains.
+    "pooled" averages over examples instead; "per_attribute" has each intervened attribute's own."""
+    mean = lambda xs: sum(xs) / len(xs) if xs else None
+
+    def triple(cause, isolate, n):
+        return {"cause": cause, "isolate": isolate,
+                "disentangle": mean([x for x in (cause, isolate) if x is not None]), "n": n}
+
     def summary(rows):
-        cause = [c for e, c in rows if e["attribute_type"] == "causal"]
-        iso = [c for e, c in rows if e["attribute_type"] != "causal"]
-        mean = lambda xs: sum(xs) / len(xs) if xs else None
-        parts = [x for x in (mean(cause), mean(iso)) if x is not None]
-        return {"cause": mean(cause), "isolate": mean(iso), "disentangle": mean(parts), "n": len(rows)}
+        return triple(mean([c for e, c in rows if e["attribute_type"] == "causal"]),
+                      mean([c for e, c in rows if e["attribute_type"] != "causal"]), len(rows))
+
     rows = list(zip(examples, (bool(c) for c in correct)))
-    per_attribute = {}
+    groups = {}
     for e, c in rows:
-        per_attribute.setdefault(concept_of(e), []).append((e, c))
-    return {**summary(rows), "per_attribute": {a: summary(r) for a, r in sorted(per_attribute.items())}}
+        groups.setdefault((e.get("domain", ""), ravel_data.concept(e)), []).append((e, c))
+    per_attribute = {a: summary(r) for (_, a), r in sorted(groups.items(), key=lambda kv: kv[0][1])}
+    by_domain = {}
+    for (domain, a), r in groups.items():
+        by_domain.setdefault(domain, []).append(per_attribute[a])
+    macro = lambda key: mean([x for x in (mean([s[key] for s in ss if s[key] is not None]) for ss in by_domain.values())
+                              if x is not None])
+    return {**triple(macro("cause"), macro("isolate"), len(rows)), "pooled": summary(rows),
+            "per_attribute": per_attribute}
 
 
-def concept_of(example):
-    """The intervened attribute: the instruction's last field (for isolate rows it is not `attribute`)."""
-    return example["edit_instruction"].rsplit(" - ", 1)[-1]
-
-
-def ravel_examples(domain, split, model, tokenizer, n=None, seed=0):
-    """Generate `n` RAVEL pairs of a domain (default: SIZES, per domain for "all") and keep those whose
-    label the unintervened target reproduces on verify_text (the paper's filter). A toy target draws
-    pairs only from the entities and attributes it was taught."""
-    import ravel_data
-    n = n or SIZES[split] * (len(ravel_data.DOMAINS) if domain == "all" else 1)
-    world = getattr(model.config, "toy_world", None) or {}
-    taught = None if domain == "all" else world.get("attributes")   # the all world knows each domain's defaults
-    if isinstance(taught, dict):        # the all world asked for one domain: {domain: attributes}
-        taught = taught.get(domain)
-    pairs = ravel_data.make_examples(domain, split, n, seed, attributes=taught,
-                                     entities=world.get("entities"), isolate_attributes=taught)
-    return ravel_data.filter_examples(pairs, model, tokenizer)
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: a directory of safetensors and JSON files, replaced as a whole.
 
 
 def atomic_write(path, write):
@@ -500,37 +713,106 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
+def write_checkpoint(path, files):
+    """Write {name: writer(path)} as the directory `path`, replacing the one there as a whole: the files
+    go to path.new, then two renames swap it in; a crash between them leaves path.old, which
+    checkpoint_path() takes back. A reader never sees a mixed or half-written checkpoint."""
+    path = Path(path)
+    new, old = path.with_name(path.name + ".new"), path.with_name(path.name + ".old")
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").exists():
+        raise ValueError(f"{path} exists and is not a HyperDAS checkpoint; choose a new or empty directory.")
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir(parents=True)
+    for name, write in files.items():
+        write(new / name)
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_path(path):
+    """The checkpoint directory to read, after taking back path.old if a save was cut between its renames."""
+    path, old = Path(path), Path(f"{path}.old")
+    if not path.exists() and old.is_dir():
+        os.replace(old, path)
+    return path
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is damaged ({err}); delete the checkpoint and train again.") from None
+
+
+def read_tensors(path, device="cpu"):
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is damaged or unreadable ({err}); delete the checkpoint and train again.") from None
+
+
+def fingerprint(examples):
+    """A short hash of the training examples, so a resumed run is known to see the same data."""
+    return hashlib.sha256(json.dumps(examples, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def differences(saved, now, prefix=""):
+    """'key: saved -> now' for every leaf where two JSON-like dicts differ."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a} -> {b}" if key != "data" else f"{prefix}data: other examples")
+    return out
+
+
+def whole_words(name, text):
+    return re.search(rf"(?<!\w){re.escape(name.lower())}(?!\w)", text.lower()) is not None
+
+
 # ----------------------------------------------------------------------------------------------------
 # The user API.
 
 
 class HyperDAS:
-    """A trainable HyperDAS around a frozen causal LM.
+    """A trainable HyperDAS around a frozen causal LM (the hypernetwork is `self.net`).
 
-    hd = HyperDAS(model=model, tokenizer=tokenizer, layer=15, feature_dim=128, num_blocks=8)
-    hd.train(train_examples, epochs=5, batch_size=32); hd.evaluate(test_examples, mode="soft")"""
+    hd = HyperDAS(model=model, layer=15, feature_dim=128)      # tokenizer: the model's own by default
+    hd.train(dataset_path="data/ravel/city", epochs=5, batch_size=32)      # or a list of examples
+    hd.evaluate(test_examples, mode="soft")
+    hd.intervene(base_prompt="Vienna is in", counterfactual_prompt="I love Paris", concept="the country of a city")"""
 
     method = "hyperdas"
 
-    def __init__(self, model, tokenizer, **config):
+    def __init__(self, model, tokenizer=None, attributes=(), **config):
         unknown = set(config) - {f.name for f in fields(HyperDASConfig)}
         if unknown:
             raise TypeError(f"Unknown HyperDAS option(s) {sorted(unknown)}; see HyperDASConfig.")
         self.cfg = HyperDASConfig(**config)
-        self.model, self.tokenizer = freeze(model), tokenizer
+        self.model = freeze(model)
+        self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer(model)
         self.device = next(model.parameters()).device
         check_layer(model, self.cfg.layer)
         d = model.config.hidden_size
         if not 1 <= self.cfg.feature_dim <= d:
             raise ValueError(f"feature_dim={self.cfg.feature_dim} must be between 1 and the hidden size {d}.")
+        if self.cfg.num_blocks < 1:
+            raise ValueError(f"num_blocks={self.cfg.num_blocks} must be at least 1.")
+        self.attributes = sorted(attributes)     # the concepts it knows (set by training; DAS: one basis each)
+        self.domains = []                        # the RAVEL domains it was trained on (to find entities)
         torch.manual_seed(self.cfg.seed)
-        self.net = self.build().to(self.device)      # fp32 master weights, also for a bf16 target
+        self.net = self.build().to(self.device)  # fp32 master weights, also for a bf16 target
         self.step, self.history = 0, []
 
     def build(self):
         return HyperNetwork(self.model, self.cfg)
 
-    # -- turning examples into tensors and running the method ------------------------------------
+    # -- examples -> batches ----------------------------------------------------------------------
 
     def instruction(self, base, source, attribute):
         values = dict(base=base, source=source, attribute=attribute)
@@ -545,12 +827,11 @@ class HyperDAS:
         """Examples with the official fields -> tokenized base (with its answer), source and instruction."""
         e = examples
         prompts = [x["input_prefix"] + x["input_suffix"] for x in e]
-        answers = [x["counterfactual_target"] if x["attribute_type"] == "causal" else x["target"] for x in e]
         # The hypernetwork sees BOS + prefix (which ends with the entity); suffix and answer stay hidden.
-        base = tokenize(self.tokenizer, prompts, answers, [len(x["input_prefix"]) for x in e])
+        base = tokenize(self.tokenizer, prompts, [ravel_data.label(x) for x in e], [len(x["input_prefix"]) for x in e])
         source = tokenize(self.tokenizer, [x["counterfactual_input_prefix"] + x["counterfactual_input_suffix"] for x in e],
                           visible_chars=[len(x["counterfactual_input_prefix"]) for x in e])
-        concepts = [concept_of(x) for x in e]
+        concepts = [ravel_data.concept(x) for x in e]
         instruction = tokenize(self.tokenizer, [self.instruction(x["entity"], x["counterfactual_entity"], c)
                                                 for x, c in zip(e, concepts)])
         is_causal = torch.tensor([x["attribute_type"] == "causal" for x in e])
@@ -560,6 +841,23 @@ class HyperDAS:
         to = lambda d: {k: v.to(self.device) for k, v in d.items()}
         return dict(base=to(base), source=to(source), instruction=to(instruction), concepts=concepts,
                     is_causal=None if is_causal is None else is_causal.to(self.device))
+
+    def examples(self, data, split):
+        """A list of examples, or a RAVEL domain by name or path ("city", "data/ravel/city"): its pairs,
+        generated and filtered for this model; a path's parent is used as RAVEL's data if it holds it."""
+        if not isinstance(data, (str, os.PathLike)):
+            return list(data)
+        path = Path(data)
+        if path.name not in ravel_data.DOMAINS + ("all",):
+            raise ValueError(f"{str(data)!r} names no RAVEL domain: give one of {', '.join(ravel_data.DOMAINS)}, all "
+                             "(or a path ending in one, such as data/ravel/city), or a list of examples.")
+        folder = None
+        if str(path.parent) not in ("", "."):
+            with contextlib.suppress(FileNotFoundError, RuntimeError):
+                folder = ravel_data.data_dir(path.parent)
+        return ravel_examples(path.name, split, self.model, self.tokenizer, seed=self.cfg.seed, data=folder)
+
+    # -- the method: steps 1-4 ------------------------------------------------------------------------
 
     def plan(self, batch):
         """Steps 1-3: read both prompts, return selection weights [B, Ts+1, Tb], basis [B, d, k] and the
@@ -580,79 +878,87 @@ class HyperDAS:
         with self.autocast():
             weights, basis, h_source = self.plan(batch)
             weights = harden(weights, mode, self.cfg.bidding_threshold)
-            keep = int((batch["base"]["labels"] != -100).sum(1).max()) + 1
-            logits = self.intervened_logits(batch["base"], weights, basis, h_source, keep)
+            logits = self.intervened_logits(batch["base"], weights, basis, h_source, answer_window(batch["base"]["labels"]))
         return logits, batch["base"]["labels"], batch["is_causal"], weights
 
     def autocast(self):
         # bf16 matmuls on GPU with fp32 master weights; plain fp32 on CPU, where bf16 is 20-45x slower.
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
-    # -- training --------------------------------------------------------------------------------
+    # -- training ---------------------------------------------------------------------------------------
 
-    def parameters(self):
+    def trainable_parameters(self):
         return [p for p in self.net.parameters() if p.requires_grad]
 
-    def optimizer(self):
+    def make_optimizer(self):
         # Every orthogonally parametrised basis: its Householder diagonal is read through .int(), so any
         # weight decay would shrink it to 0 and silently delete basis columns.
         basis = {id(p) for name, p in self.net.named_parameters() if "parametrizations." in name}
-        groups = [dict(params=[p for p in self.parameters() if id(p) in basis], lr=self.cfg.basis_lr, weight_decay=0.0),
-                  dict(params=[p for p in self.parameters() if id(p) not in basis], lr=self.cfg.lr,
-                       weight_decay=self.cfg.weight_decay)]
+        params = self.trainable_parameters()
+        groups = [dict(params=[p for p in params if id(p) in basis], lr=self.cfg.basis_lr, weight_decay=0.0),
+                  dict(params=[p for p in params if id(p) not in basis], lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)]
         return torch.optim.AdamW([g for g in groups if g["params"]])
 
-    def train(self, data, epochs=5, batch_size=32, eval_data=None, eval_every=0, out_dir=None, save_every=0,
-              progress=True):
-        """Train on a list of examples (or a RAVEL domain name). With out_dir, checkpoints are written
-        every `save_every` steps and at the end, and an interrupted run resumes from the last one."""
-        examples = self.examples(data, "train")
+    def train(self, data=None, epochs=5, batch_size=32, eval_data=None, eval_every=0, out_dir=None, save_every=0,
+              progress=True, dataset_path=None):
+        """Train on examples or a RAVEL domain (`data` or `dataset_path`, see examples()). With out_dir,
+        checkpoints are written every `save_every` steps and at the end, and the same call resumes from
+        the last one; a call whose settings, schedule or data differ from the saved run's is refused."""
+        if data is None and dataset_path is None:
+            raise ValueError("No training data: pass a list of examples or dataset_path='city' (a RAVEL domain).")
+        if epochs < 1 or batch_size < 1:
+            raise ValueError(f"epochs={epochs} and batch_size={batch_size} must both be at least 1.")
+        examples = self.examples(data if data is not None else dataset_path, "train")
         if not examples:
             raise ValueError("No training examples: check the data (and the model filter, if used).")
+        if self.method == "hyperdas":
+            self.attributes = sorted(set(self.attributes) | {ravel_data.concept(e) for e in examples})
+        self.domains = sorted(set(self.domains) | {e["domain"] for e in examples if e.get("domain")})
         steps_per_epoch = math.ceil(len(examples) / batch_size)
         total = epochs * steps_per_epoch
-        opt = self.optimizer()
-        if out_dir and (Path(out_dir) / "optimizer.safetensors").exists():
-            self.load_training_state(out_dir, opt)
+        run = json.loads(json.dumps(dict(method=self.method, config=asdict(self.cfg), attributes=self.attributes,
+                                         epochs=epochs, batch_size=batch_size, examples=len(examples),
+                                         data=fingerprint(examples))))
+        opt = self.make_optimizer()
+        if out_dir and (checkpoint_path(out_dir) / "training.json").exists():
+            self.resume(out_dir, opt, run)
         self.net.train()
         bar = tqdm(range(self.step, total), initial=self.step, total=total, disable=not progress, desc="train")
         for step in bar:
             epoch, i = divmod(step, steps_per_epoch)
             order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-            batch = [examples[j] for j in order[i * batch_size:(i + 1) * batch_size]]
-            logits, labels, is_causal, weights = self.forward(batch)
-            prediction = prediction_loss(logits, labels, is_causal, self.cfg.causal_weight, self.cfg.isolate_weight)
-            w_sparse = sparsity_weight(step, total, self.cfg)
-            sparse = sparsity_loss(weights)
-            loss = prediction + w_sparse * sparse
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.parameters(), self.cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            record = self.train_step([examples[j] for j in order[i * batch_size:(i + 1) * batch_size]], opt,
+                                     sparsity_weight(step, total, self.cfg))
             self.step = step + 1
-            record = dict(step=self.step, loss=loss.item(), prediction=prediction.item(), sparsity=sparse.item(),
-                          sparsity_weight=w_sparse)
-            if eval_data is not None and eval_every and self.step % eval_every == 0:
+            record = dict(step=self.step, **record)
+            if eval_data is not None and eval_every and self.step % eval_every == 0:   # never at step 0
                 record["eval"] = self.evaluate(eval_data, progress=False)
                 self.net.train()
             self.history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             if out_dir and ((save_every and self.step % save_every == 0) or self.step == total):
-                self.save(out_dir, opt)
+                self.save(out_dir, opt, run)
         self.net.eval()
         return self.history
 
-    def examples(self, data, split):
-        if isinstance(data, str):
-            return ravel_examples(data, split, self.model, self.tokenizer, seed=self.cfg.seed)
-        return list(data)
+    def train_step(self, examples, optimizer, w_sparse):
+        """One optimisation step: L = prediction + w_sparse * sparsity (§3), clipped, AdamW."""
+        logits, labels, is_causal, weights = self.forward(examples)
+        prediction = prediction_loss(logits, labels, is_causal, self.cfg.causal_weight, self.cfg.isolate_weight)
+        sparse = sparsity_loss(weights)
+        loss = prediction + w_sparse * sparse
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return dict(loss=loss.item(), prediction=prediction.item(), sparsity=sparse.item(), sparsity_weight=w_sparse)
 
-    # -- evaluation --------------------------------------------------------------------------------
+    # -- evaluation -------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def evaluate(self, data, mode="soft", batch_size=32, progress=True):
         """Teacher-forced exact match of the first `eval_tokens` answer tokens under the intervention:
-        {'cause', 'isolate', 'disentangle', 'n', 'per_attribute': {attribute: {...}}}."""
+        scores() of the test examples (the paper's macro average at the top level)."""
         examples = self.examples(data, "test")
         return scores(examples, self.correct(examples, mode, batch_size, progress))
 
@@ -668,32 +974,75 @@ class HyperDAS:
             result += answer_correct(logits, labels, self.cfg.eval_tokens).tolist()
         return result
 
+    # -- using a trained HyperDAS -------------------------------------------------------------------
+
+    def attribute_of(self, concept):
+        """The trained attribute a concept names: itself, or the longest trained attribute whose name it
+        contains as whole words, ignoring case ("the country of a city" -> "Country")."""
+        if not self.attributes or concept in self.attributes:
+            return concept
+        named = [a for a in self.attributes if whole_words(a, concept)]
+        if not named:
+            raise ValueError(f"The concept {concept!r} names none of the attributes this {self.method} was trained "
+                             f"on: {', '.join(self.attributes)}.")
+        return max(named, key=len)
+
+    def entity_in(self, prompt, role):
+        """The entity a prompt mentions: the longest entity name of the RAVEL domains this HyperDAS was
+        trained on that occurs in the prompt as whole words."""
+        names = []
+        with contextlib.suppress(FileNotFoundError, RuntimeError, ValueError):
+            names = [n for d in self.domains for n in ravel_data.load_domain(d).entities if whole_words(n, prompt)]
+        if not names:
+            raise ValueError(f"The instruction template {self.cfg.instruction_template!r} needs the {role} entity and "
+                             f"no entity of {self.domains or 'a trained domain'} occurs in {prompt!r}: pass {role}_entity=.")
+        return max(names, key=len)
+
     @torch.no_grad()
     def intervene(self, base_prompt, counterfactual_prompt, concept, base_entity=None, source_entity=None,
                   max_new_tokens=8, mode="soft", return_positions=False):
         """Greedy continuation of base_prompt with `concept` taken from counterfactual_prompt. The
-        hypernetwork sees each prompt up to its named entity (the whole prompt if none is named).
-        With return_positions, also the (base token, source token,
-        weight) pairs it chose: every base position whose largest share is a source token."""
-        self.net.eval()
+        hypernetwork sees each prompt up to its entity; entities the template needs but that are not given
+        are found with entity_in(). With return_positions, also the (base token, source token, weight)
+        pairs it chose: every base position whose largest share is a source token."""
+        for name, prompt in (("base_prompt", base_prompt), ("counterfactual_prompt", counterfactual_prompt)):
+            if not prompt or not prompt.strip():
+                raise ValueError(f"{name} is empty: give the text to intervene on.")
+        attribute = self.attribute_of(concept)
+        needed = {n for _, n, _, _ in string.Formatter().parse(self.cfg.instruction_template) if n}
+        if "base" in needed and base_entity is None:
+            base_entity = self.entity_in(base_prompt, "base")
+        if "source" in needed and source_entity is None:
+            source_entity = self.entity_in(counterfactual_prompt, "source")
+
+        def upto(prompt, entity, name):
+            if entity is None:
+                return None
+            if entity not in prompt:
+                raise ValueError(f"{name}={entity!r} does not occur in {prompt!r}.")
+            return [prompt.index(entity) + len(entity)]
         tok = self.tokenizer
-        upto = lambda prompt, entity: [prompt.index(entity) + len(entity)] if entity and entity in prompt else None
-        batch = self.batch(tokenize(tok, [base_prompt], visible_chars=upto(base_prompt, base_entity)),
-                           tokenize(tok, [counterfactual_prompt], visible_chars=upto(counterfactual_prompt, source_entity)),
-                           tokenize(tok, [self.instruction(base_entity, source_entity, concept)]), [concept])
+        batch = self.batch(tokenize(tok, [base_prompt], visible_chars=upto(base_prompt, base_entity, "base_entity")),
+                           tokenize(tok, [counterfactual_prompt],
+                                    visible_chars=upto(counterfactual_prompt, source_entity, "source_entity")),
+                           tokenize(tok, [self.instruction(base_entity, source_entity, attribute)]), [attribute])
+        self.net.eval()
         base = batch["base"]
+        # transformers 5.2x renamed forward's past_key_values to cache; pass whichever this version takes.
+        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         with self.autocast():
             weights, basis, h_source = self.plan(batch)
             weights = harden(weights, mode, self.cfg.bidding_threshold)
             with patch_layer(self.model, self.cfg.layer, lambda h: interchange(h, h_source, weights, basis)):
                 out = self.model(**target_inputs(base), use_cache=True)   # the prompt, intervened once
-            new, cache, position = [], out.past_key_values, base["input_ids"].shape[1]
+            new, position = [], base["input_ids"].shape[1]
             for _ in range(max_new_tokens):   # later tokens read the intervened prompt through the cache
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
                 if token.item() == tok.eos_token_id:
                     break
                 new.append(token.item())
-                out = self.model(input_ids=token, past_key_values=cache, use_cache=True,
+                cache = out.get("cache", out.get("past_key_values"))
+                out = self.model(input_ids=token, use_cache=True, **{cache_arg: cache},
                                  position_ids=torch.tensor([[position]], device=self.device))
                 position += 1
         text = tok.decode(new)
@@ -706,52 +1055,63 @@ class HyperDAS:
                   for j, i in enumerate(w.argmax(0).tolist()) if i < len(source_tokens)]
         return text, chosen
 
-    # -- saving and loading: safetensors + JSON, written atomically --------------------------------
+    # -- saving and loading ---------------------------------------------------------------------------
 
-    def save(self, path, optimizer=None):
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+    def info(self):
+        return {"method": self.method, "config": asdict(self.cfg), "attributes": self.attributes,
+                "domains": self.domains, "step": self.step}
+
+    def save(self, path, optimizer=None, run=None):
+        """Write the checkpoint directory (write_checkpoint): weights and configuration, and with an optimizer
+        everything needed to resume (its moments, the step, the history and what defines the run)."""
         state = {k: v.detach().contiguous().cpu() for k, v in self.net.state_dict().items()}
-        atomic_write(path / "weights.safetensors", lambda p: save_file(state, str(p)))
-        if optimizer is not None:   # everything needed to resume: optimizer moments, step, history
-            tensors, meta = {}, {"step": self.step, "history": self.history, "groups": []}
-            for g, group in enumerate(optimizer.state_dict()["param_groups"]):
-                meta["groups"].append({k: v for k, v in group.items() if k != "params"})
-            for idx, st in optimizer.state_dict()["state"].items():
-                tensors.update({f"{idx}.{k}": torch.as_tensor(v).contiguous().cpu() for k, v in st.items()})
-            atomic_write(path / "optimizer.safetensors", lambda p: save_file(tensors, str(p)))
-            atomic_write(path / "training.json", lambda p: p.write_text(json.dumps(meta)))
-        info = {"method": self.method, "config": asdict(self.cfg), "step": self.step}
-        atomic_write(path / "config.json", lambda p: p.write_text(json.dumps(info, indent=2)))
+        files = {"weights.safetensors": lambda p: save_file(state, str(p)),
+                 "config.json": lambda p: p.write_text(json.dumps(self.info(), indent=2))}
+        if optimizer is not None:
+            tensors = {f"{idx}.{k}": torch.as_tensor(v).contiguous().cpu()
+                       for idx, st in optimizer.state_dict()["state"].items() for k, v in st.items()}
+            meta = {"step": self.step, "history": self.history, "run": run}
+            files["optimizer.safetensors"] = lambda p: save_file(tensors, str(p))
+            files["training.json"] = lambda p: p.write_text(json.dumps(meta))
+        write_checkpoint(path, files)
 
     @classmethod
-    def load(cls, path, model, tokenizer):
-        """Rebuild from a saved directory with the saved configuration (so N blocks stays N blocks)."""
-        path = Path(path)
+    def load(cls, path, model, tokenizer=None):
+        """Rebuild a HyperDAS or DAS from a saved directory with its saved configuration (so N blocks stays N)."""
+        path = checkpoint_path(path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is not a HyperDAS checkpoint (no config.json in it).")
-        info = json.loads((path / "config.json").read_text())
-        config = {**info["config"], "init_from_target": False}   # the weights come from the file
+        info = read_json(path / "config.json")
         method = {c.method: c for c in (HyperDAS, DAS)}[info.get("method", "hyperdas")]
-        hd = method(model, tokenizer, **config)
+        config = {**info["config"], "init_from_target": False}   # the weights come from the file
+        hd = method(model, tokenizer, attributes=info.get("attributes", ()), **config)
         hd.cfg.init_from_target = info["config"]["init_from_target"]
-        hd.net.load_state_dict(load_file(str(path / "weights.safetensors"), device=str(hd.device)))
-        hd.step = info.get("step", 0)
+        hd.domains, hd.step = info.get("domains", []), info.get("step", 0)
+        hd.load_weights(path)
         return hd
 
-    def load_training_state(self, path, optimizer):
-        path = Path(path)
-        self.net.load_state_dict(load_file(str(path / "weights.safetensors"), device=str(self.device)))
-        meta = json.loads((path / "training.json").read_text())
-        tensors = load_file(str(path / "optimizer.safetensors"))
+    def load_weights(self, path):
+        file = Path(path) / "weights.safetensors"
+        try:
+            self.net.load_state_dict(read_tensors(file, self.device))
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[-1].strip()
+            raise ValueError(f"{file} does not fit this model and configuration ({first}).") from None
+
+    def resume(self, path, optimizer, run):
+        """Continue the run saved at path: the same settings, schedule and data, or a clear refusal."""
+        path = checkpoint_path(path)
+        meta = read_json(path / "training.json")
+        if meta.get("run") != run:
+            diff = "; ".join(differences(meta.get("run") or {}, run)) or "an older checkpoint format"
+            raise ValueError(f"{path} holds a different run ({diff}): repeat its settings and data to resume it, "
+                             f"or start fresh in another output directory (or delete {path}).")
+        self.load_weights(path)
         state = {}
-        for key, value in tensors.items():
+        for key, value in read_tensors(path / "optimizer.safetensors").items():
             idx, name = key.split(".", 1)
             state.setdefault(int(idx), {})[name] = value.to(self.device) if value.dim() else value
-        groups = optimizer.state_dict()["param_groups"]
-        for group, saved in zip(groups, meta["groups"]):
-            group.update(saved)
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
         self.step, self.history = meta["step"], meta["history"]
 
 
@@ -773,9 +1133,10 @@ class DAS(HyperDAS):
 
     method = "das"
 
-    def __init__(self, model, tokenizer, attributes=(), **config):
-        self.attributes = list(attributes)
-        super().__init__(model, tokenizer, **config)
+    def __init__(self, model, tokenizer=None, attributes=(), **config):
+        if not attributes:
+            raise ValueError("DAS needs its attributes (one basis each): DAS(model, tokenizer, attributes=[...]).")
+        super().__init__(model, tokenizer, attributes, **config)
 
     def build(self):
         return DASNetwork(self.model.config.hidden_size, self.cfg.feature_dim, self.attributes)
@@ -786,27 +1147,18 @@ class DAS(HyperDAS):
             raise ValueError(f"This DAS has bases for {self.attributes}; got {sorted(missing)}.")
         base, source = batch["base"], batch["source"]
         h_source = hidden_states(self.model, source)[:, :, self.cfg.layer]               # [B, Ts, d]
-        last = lambda visible: visible.shape[1] - 1 - visible.flip(1).int().argmax(1)   # last visible index
         B, Ts, Tb = h_source.shape[0], h_source.shape[1], base["input_ids"].shape[1]
-        rows, j = torch.arange(B, device=self.device), last(base["visible"])
+        rows, j = torch.arange(B, device=self.device), last_visible(base["visible"])
         weights = torch.zeros(B, Ts + 1, Tb, device=self.device)
-        weights[:, Ts] = 1.0                            # keep the base everywhere ...
-        weights[rows, Ts, j] = 0.0                      # ... except at its last entity token,
-        weights[rows, last(source["visible"]), j] = 1.0  # which takes the source's last entity token
-        basis = torch.stack([self.net.bases[self.attributes.index(c)].weight for c in batch["concepts"]])
+        weights[:, Ts] = 1.0                                    # keep the base everywhere ...
+        weights[rows, Ts, j] = 0.0                              # ... except at its last entity token,
+        weights[rows, last_visible(source["visible"]), j] = 1.0  # which takes the source's last entity token
+        basis = torch.stack([basis_weight(self.net.bases[self.attributes.index(c)]) for c in batch["concepts"]])
         return weights, basis, h_source
 
 
 # ----------------------------------------------------------------------------------------------------
 # Command line: python hyperdas.py --domain verb
-
-
-def preset_for(name):
-    """The settings table row for a target model name (None: the offline toy target)."""
-    if name is None:
-        return "toy"
-    lowered = name.lower()
-    return "tinyllama" if "tinyllama" in lowered else "llama3-8b" if "llama-3" in lowered else None
 
 
 def build_parser():
@@ -818,12 +1170,12 @@ def build_parser():
                    "target trained on the domain's RAVEL facts, built on first use and cached)")
     p.add_argument("--method", choices=("hyperdas", "das"), default="hyperdas",
                    help="hyperdas, or das: one static subspace per attribute at the last entity token")
-    p.add_argument("--layer", type=int, help="intervene on hidden_states[layer] (default: from the model's preset)")
-    p.add_argument("--feature_dim", type=int, help="subspace dimension k (default: from the preset)")
-    p.add_argument("--num_blocks", type=int, help="hypernetwork decoder blocks (default: from the preset)")
-    p.add_argument("--epochs", type=int, help="training epochs (default: from the preset)")
-    p.add_argument("--batch_size", type=int, help="batch size (default: from the preset)")
-    p.add_argument("--lr", type=float, help="hypernetwork learning rate (default: from the preset)")
+    p.add_argument("--layer", type=int, help="intervene on hidden_states[layer] (default: from the model's settings)")
+    p.add_argument("--feature_dim", type=int, help="subspace dimension k (default: from the model's settings)")
+    p.add_argument("--num_blocks", type=int, help="hypernetwork decoder blocks (default: from the model's settings)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: from the model's settings)")
+    p.add_argument("--batch_size", type=int, help="batch size (default: from the model's settings)")
+    p.add_argument("--lr", type=float, help="hypernetwork learning rate (default: from the model's settings)")
     p.add_argument("--n_train", type=int, help="RAVEL pairs generated for training, before the model filter "
                    f"(default: {SIZES['train']}, per domain for all)")
     p.add_argument("--n_test", type=int, help="RAVEL pairs generated for testing, before the model filter "
@@ -842,27 +1194,37 @@ def print_table(results):
     print(f"{'mode':<12} {'attribute':<20} {'cause':>6} {'isolate':>8} {'disentangle':>12}")
     fmt = lambda x: f"{x:.3f}" if x is not None else "-"
     for mode, s in results["mode"].items():
-        for name, row in [*s["per_attribute"].items(), ("(all)", s)]:
+        for name, row in [*s["per_attribute"].items(), ("(macro: paper)", s), ("(pooled)", s["pooled"])]:
             print(f"{mode:<12} {name:<20} {fmt(row['cause']):>6} {fmt(row['isolate']):>8} {fmt(row['disentangle']):>12}")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as err:   # bad input: one line, no traceback
+        raise SystemExit(f"error: {err}") from None
+
+
+def run(args):
     start = time.time()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     if args.evaluate and not args.model_path:
-        raise SystemExit("--evaluate needs --model_path CHECKPOINT_DIR (a directory written by a training run).")
-    preset = preset_for(args.model)
+        raise ValueError("--evaluate needs --model_path CHECKPOINT_DIR (a directory written by a training run).")
     if args.model is None:
+        # The one place the method imports the toy world: the command line's offline default target.
         from toy_world import toy_target
         model, tokenizer = toy_target(args.domain, device=args.device)   # one target for every --seed
     else:
         model, tokenizer = load_target(args.model, args.device)
     model_name = args.model or f"toy-{args.domain}"
-    settings = dict(PRESETS.get(preset) or dict(PRESETS["tinyllama"], layer=len(decoder_layers(model)) // 2))
+    settings, why = settings_for(model)
     settings.update({k: getattr(args, k) for k in ("layer", "feature_dim", "num_blocks", "epochs", "batch_size", "lr")
                      if getattr(args, k) is not None})
+    if not args.evaluate:
+        print(f"settings ({why}; flags override): " + ", ".join(f"{k} {v}" for k, v in settings.items()),
+              file=sys.stderr)
     epochs, batch_size = settings.pop("epochs"), settings.pop("batch_size")
     test = ravel_examples(args.domain, "test", model, tokenizer, args.n_test, args.seed)
     out = Path(args.out or f"runs/{args.method}-{args.domain}-{Path(model_name).name}")
@@ -872,7 +1234,8 @@ def main(argv=None):
         train = ravel_examples(args.domain, "train", model, tokenizer, args.n_train, args.seed)
         if args.method == "das":
             settings.pop("num_blocks")
-            hd = DAS(model, tokenizer, attributes=sorted({concept_of(e) for e in train}), seed=args.seed, **settings)
+            hd = DAS(model, tokenizer, attributes=sorted({ravel_data.concept(e) for e in train}), seed=args.seed,
+                     **settings)
         else:
             hd = HyperDAS(model, tokenizer, seed=args.seed, **settings)
         hd.train(train, epochs=epochs, batch_size=batch_size, out_dir=out / "checkpoint", save_every=500)

@@ -12,8 +12,9 @@ A *cause* example checks the intervened attribute: after swapping the Country of
 Qaminis the model should answer "United States". An *isolate* example asks the base prompt for a
 different attribute (say Continent) under the same instruction: the answer must stay "Africa".
 
-Labels are RAVEL's ground-truth strings; an optional model-based filter then keeps only the
-examples the target model already answers correctly without intervention, as HyperDAS did.
+Labels are RAVEL's ground-truth strings; hyperdas.filter_examples then keeps only the examples the
+target model already answers correctly without intervention, as HyperDAS did. This file imports
+nothing from the project.
 
     python ravel_data.py download                 # fetch and verify RAVEL's data.tgz
     python ravel_data.py stats --domain all       # entity, attribute, template and split counts
@@ -392,46 +393,13 @@ def merge_isolates(examples, seed=0) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------
-# 5. Model-based filtering: keep what the unintervened model already gets right
+# 5. Labels (the model-based filter that keeps what the target already gets right is
+#    hyperdas.filter_examples: it needs the model, and this file knows none)
 # ------------------------------------------------------------------------------------------------
 
 def label(example) -> str:
     """The answer an example is scored on: the source's value (cause) or the base's (isolate)."""
     return example["counterfactual_target"] if example["attribute_type"] == "causal" else example["target"]
-
-
-def filter_examples(examples, model, tokenizer, batch_size=64, progress=True) -> list[dict]:
-    """Keep the examples whose label the target model reproduces, every token, on verify_text.
-
-    One teacher-forced forward pass per batch: the prompt plus the label go in, and a row is kept
-    iff the argmax before each label token is that token. One pass is enough; HyperDAS ran its filter
-    three times because it mapped the rows of the short last batch to the wrong examples.
-    `model` is a Hugging Face causal LM (it is called with logits_to_keep) and `tokenizer` its tokenizer.
-    """
-    import torch
-    from tqdm.auto import tqdm
-    from hyperdas import answer_correct, target_inputs, tokenize
-
-    device = next(model.parameters()).device
-    kept = []
-    was_training = model.training
-    model.eval()
-    for start in tqdm(range(0, len(examples), batch_size), desc="filter", disable=not progress):
-        batch = examples[start:start + batch_size]
-        enc = tokenize(tokenizer, [ex["verify_text"] for ex in batch], [label(ex) for ex in batch])
-        enc = {k: v.to(device) for k, v in enc.items()}
-        answer_len = int((enc["labels"] != -100).sum(1).max())
-        with torch.no_grad():
-            logits = model(**target_inputs(enc), logits_to_keep=answer_len + 1).logits
-        correct = answer_correct(logits, enc["labels"]).tolist()
-        # Pair each verdict with its own row of this batch (no global index arithmetic to get wrong).
-        kept += [ex for ex, ok in zip(batch, correct, strict=True) if ok]
-    model.train(was_training)
-    counts = Counter(ex["attribute_type"] for ex in kept)
-    totals = Counter(ex["attribute_type"] for ex in examples)
-    print(f"filter: kept {len(kept)} of {len(examples)} examples (causal {counts['causal']} of "
-          f"{totals['causal']}, isolate {counts['isolate']} of {totals['isolate']})", file=sys.stderr)
-    return kept
 
 
 # ------------------------------------------------------------------------------------------------

@@ -247,7 +247,7 @@ def test_instruction_self_attention_is_causal_without_padding(model, tok):
     assert instr["attention_mask"].all()
     changed = {k: v.clone() for k, v in instr.items()}
     changed["input_ids"][:, -1] = tok.convert_tokens_to_ids("Continent")
-    a, b = hd.net.encode(instr, *mems), hd.net.encode(changed, *mems)
+    a, b = hd.net.encoder(instr, *mems), hd.net.encoder(changed, *mems)
     torch.testing.assert_close(a[:, :-1], b[:, :-1], atol=0, rtol=0)
     assert not torch.allclose(a[:, -1], b[:, -1])
 
@@ -282,7 +282,7 @@ def test_basis_is_orthonormal_seeded_and_never_decayed(model, tok):
     R = a.net.subspace.basis.weight
     torch.testing.assert_close(R.T @ R, torch.eye(8), atol=1e-5, rtol=0)   # not uninitialised memory
     assert torch.equal(R, b.net.subspace.basis.weight) and not torch.allclose(R, c.net.subspace.basis.weight)
-    groups = a.optimizer().param_groups
+    groups = a.make_optimizer().param_groups
     original = a.net.subspace.basis.parametrizations.weight.original
     basis_group = [g for g in groups if any(p is original for p in g["params"])]
     assert len(basis_group) == 1 and basis_group[0]["params"] == [original]
@@ -380,7 +380,7 @@ def test_save_load_round_trip_keeps_block_count_and_outputs(model, tok, tmp_path
     hd.train(EXAMPLES, epochs=1, batch_size=2, progress=False)
     hd.save(tmp_path / "ckpt")
     loaded = H.HyperDAS.load(tmp_path / "ckpt", model, tok)            # no num_blocks given (official bug)
-    assert len(loaded.net.blocks) == 3 and loaded.cfg == hd.cfg
+    assert len(loaded.net.encoder.blocks) == 3 and loaded.cfg == hd.cfg
     assert torch.equal(loaded.forward(EXAMPLES)[0], hd.forward(EXAMPLES)[0])
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "weights.safetensors"]
 
@@ -397,10 +397,12 @@ def test_interrupted_training_resumes_to_the_same_weights(model, tok, tmp_path):
         return forward(self, *args, **kw)
     first.forward = interrupted.__get__(first)
     with pytest.raises(KeyboardInterrupt):
-        first.train(EXAMPLES, epochs=3, batch_size=2, out_dir=tmp_path, save_every=2, progress=False)
-    assert not list(tmp_path.glob("*.tmp"))
+        first.train(EXAMPLES, epochs=3, batch_size=2, out_dir=tmp_path / "ckpt", save_every=2, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]       # no .new or .old left behind
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "optimizer.safetensors", "training.json",
+                                                                  "weights.safetensors"]
     resumed = new_hd(model, tok)
-    resumed.train(EXAMPLES, epochs=3, batch_size=2, out_dir=tmp_path, progress=False)
+    resumed.train(EXAMPLES, epochs=3, batch_size=2, out_dir=tmp_path / "ckpt", progress=False)
     assert resumed.step == 6 and [h["step"] for h in resumed.history] == list(range(1, 7))
     for (n, a), b in zip(full.net.state_dict().items(), resumed.net.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
@@ -449,8 +451,8 @@ def test_das_baseline_patches_last_entity_tokens_at_the_same_layer(model, tok):
     batch = das.collate(EXAMPLES[:1])
     weights, basis, h_source = das.plan(batch)
     assert weights[0, :-1].nonzero().tolist() == [[3, 4]]         # source "Paris" -> base "Vienna"
-    assert torch.equal(basis[0], das.net.bases[0].weight)
-    basis_group = [g for g in das.optimizer().param_groups if g["weight_decay"] == 0.0]
+    assert torch.equal(basis[0], das.net.bases[das.attributes.index("Country")].weight)
+    basis_group = [g for g in das.make_optimizer().param_groups if g["weight_decay"] == 0.0]
     assert len(basis_group) == 1 and len(basis_group[0]["params"]) == 2 and basis_group[0]["lr"] == das.cfg.basis_lr
     history = das.train(EXAMPLES, epochs=2, batch_size=2, progress=False)
     assert len(history) == 4

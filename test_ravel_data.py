@@ -302,7 +302,8 @@ def filter_rows():
 @pytest.mark.parametrize("batch_size", [4, 3, 1, 64])
 def test_filter_keeps_exactly_the_rows_the_model_gets_right(batch_size, capsys):
     examples, model = filter_rows()
-    kept = R.filter_examples(examples, model, tiny_tokenizer(), batch_size=batch_size, progress=False)
+    import hyperdas as H
+    kept = H.filter_examples(examples, model, tiny_tokenizer(), batch_size=batch_size, progress=False)
     # With batch_size 4 the last batch holds rows 8 (right) and 9 (wrong); indexing it as
     # batch_id * len(batch) + i would keep row 4 (wrong) instead of row 8.
     assert [ex["row"] for ex in kept] == RIGHT
@@ -421,7 +422,7 @@ def test_make_examples_restricted_to_given_entities(folder):
 def test_ravel_examples_asks_a_toy_target_only_what_it_was_taught(folder, monkeypatch):
     import hyperdas as H
     monkeypatch.setenv("RAVEL_DATA", str(folder))
-    monkeypatch.setattr(R, "filter_examples", lambda pairs, model, tokenizer: pairs)    # no model needed here
+    monkeypatch.setattr(H, "filter_examples", lambda pairs, model, tokenizer: pairs)    # no model needed here
     cities = sorted(R.load_domain("city", folder).entities)[:60]
     toy = SimpleNamespace(config=SimpleNamespace(toy_world={"entities": cities, "attributes": ["Country", "Continent"]}))
     rows = H.ravel_examples("city", "test", toy, tokenizer=None, n=400)

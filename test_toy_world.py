@@ -83,7 +83,7 @@ def test_facts_are_read_from_the_entity(toy, world):
     model, tokenizer, _ = toy
     for layer in (1, 2, 3):
         # Measured: 99% at each layer on this world.
-        assert toy_world.interchange_accuracy(model, tokenizer, world, layer, n=200, seed=1) > 0.9
+        assert toy_world.patching_accuracy(model, tokenizer, world, layer, n=200, seed=1) > 0.9
     assert model.config.toy_world["accuracy"]["entity_patching"]["2"] > 0.9
 
 
@@ -168,7 +168,7 @@ def test_all_target_knows_its_domains_and_ravel_examples_respects_them(tiny_all,
     info = model.config.toy_world
     assert {d: len(e) for d, e in info["entities"].items()} == {d: 8 for d in ravel_data.DOMAINS}
     assert info["attributes"] == {d: ravel_data.DEFAULT_ATTRIBUTES[d] for d in ravel_data.DOMAINS}
-    monkeypatch.setattr(ravel_data, "filter_examples", lambda pairs, model, tokenizer: pairs)
+    monkeypatch.setattr(hyperdas, "filter_examples", lambda pairs, model, tokenizer: pairs)
     rows = hyperdas.ravel_examples("all", "test", model, None, n=500)
     assert {r["domain"] for r in rows} == set(ravel_data.DOMAINS)
     assert all({r["entity"], r["counterfactual_entity"]} <= set(info["entities"][r["domain"]]) for r in rows)
@@ -181,7 +181,7 @@ def test_all_target_knows_its_domains_and_ravel_examples_respects_them(tiny_all,
 def test_command_line_domain_all_trains_one_model_on_the_all_world(tiny_all, tmp_path, monkeypatch):
     import hyperdas
     monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None: tiny_all if domain == "all" else None)
-    monkeypatch.setattr(ravel_data, "filter_examples", lambda pairs, model, tokenizer: pairs)  # 3 steps know nothing
+    monkeypatch.setattr(hyperdas, "filter_examples", lambda pairs, model, tokenizer: pairs)  # 3 steps know nothing
     every = {a for attributes in ravel_data.DEFAULT_ATTRIBUTES.values() for a in attributes}
     for method in ("hyperdas", "das"):
         results = hyperdas.main(["--domain", "all", "--method", method, "--n_train", "200", "--n_test", "400",

@@ -44,10 +44,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import ravel_data
-from hyperdas import answer_correct, answer_separator, patch_layer, tokenize
+from hyperdas import (answer_correct, answer_labels, answer_separator, answer_window, last_visible, patch_layer,
+                      target_inputs, tokenize)
 
 # Bump when anything below changes what a given set of arguments trains; it is part of the cache key.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2    # 2: answers are exactly their own tokens (hyperdas.answer_ids)
 
 # The model: design notes §3 found hidden 256 slower per step and no faster to learn, so stay at 128.
 MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -226,38 +227,26 @@ def new_model(tokenizer, seed):
 # Training.
 
 
-def inputs(enc):
-    return {k: enc[k] for k in ("input_ids", "attention_mask", "position_ids")}
-
-
 def answer_logits(model, enc):
     """Logits of the positions that predict an answer token. Rows are left-padded, so every answer ends
     at the last position: the LM head runs on the last (longest answer + 1) positions only."""
-    keep = int((enc["labels"] != -100).sum(1).max()) + 1
-    return model(**inputs(enc), logits_to_keep=keep).logits                       # [B, keep, V]
+    return model(**target_inputs(enc), logits_to_keep=answer_window(enc["labels"])).logits   # [B, keep, V]
 
 
 def answer_loss(logits, labels):
     """Cross-entropy on the answer tokens only (logits of the last `keep` positions): the prompt is
     given, the fact is what is learned."""
-    target = labels[:, labels.shape[1] - logits.shape[1] + 1:]                    # [B, keep-1]
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), answer_labels(logits, labels).flatten(), ignore_index=-100)
 
 
 def text_loss(model, enc):
     """Language-model loss on every real token after BOS."""
-    logits = model(**inputs(enc)).logits                                          # [B, T, V]
+    logits = model(**target_inputs(enc)).logits                                          # [B, T, V]
     target = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, :-1] == 0, -100)  # BOS is never a target
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100)
 
 
-def last_entity_token(enc):
-    """Index of the last visible token of each left-padded row (tokenize(..., visible_chars=...))."""
-    T = enc["visible"].shape[1]
-    return T - 1 - enc["visible"].flip(1).int().argmax(1)                         # [B]
-
-
-def interchange(model, tokenizer, pairs, layer):
+def patch_entity(model, tokenizer, pairs, layer):
     """Answer logits of the base prompts with hidden_states[layer] at the base entity's last token
     replaced by the source entity's, taken from the source prompt (full-vector activation patching).
     The labels are the source entity's values."""
@@ -267,9 +256,9 @@ def interchange(model, tokenizer, pairs, layer):
     source = tokenize(tokenizer, [p.source_template % p.source for p in pairs],
                       visible_chars=[prefix(p.source_template, p.source) for p in pairs])
     rows = torch.arange(len(pairs))
-    states = model(**inputs(source), output_hidden_states=True, logits_to_keep=1).hidden_states[layer]
-    patch = states[rows, last_entity_token(source)]                               # [B, d]
-    at = last_entity_token(base)
+    states = model(**target_inputs(source), output_hidden_states=True, logits_to_keep=1).hidden_states[layer]
+    patch = states[rows, last_visible(source["visible"])]                               # [B, d]
+    at = last_visible(base["visible"])
     with patch_layer(model, layer, lambda h: h.index_put((rows, at), patch)):
         return answer_logits(model, base), base["labels"]
 
@@ -300,7 +289,7 @@ def train(model, tokenizer, world, steps, seed, progress=True):
         # Interchange intervention training (Geiger et al., ICML 2022) at a random intermediate layer: the
         # answer must follow the patched entity state, so facts are read from the entity (module docstring).
         layer = rng.randrange(1, model.config.num_hidden_layers)
-        loss_swap = answer_loss(*interchange(model, tokenizer, pairs, layer))
+        loss_swap = answer_loss(*patch_entity(model, tokenizer, pairs, layer))
         loss = loss_facts + 0.5 * loss_text + loss_swap
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, steps)
@@ -328,7 +317,7 @@ def accuracy(model, tokenizer, rows, batch_size=128):
 
 
 @torch.no_grad()
-def interchange_accuracy(model, tokenizer, world, layer, n=500, seed=0, batch_size=125):
+def patching_accuracy(model, tokenizer, world, layer, n=500, seed=0, batch_size=125):
     """How often patching the source entity's hidden_states[layer] into the base entity makes the model
     give the source's value, on pairs whose values differ (base prompts from held-out templates, so
     neither the prompt nor the patched pair was trained on)."""
@@ -340,7 +329,7 @@ def interchange_accuracy(model, tokenizer, world, layer, n=500, seed=0, batch_si
             pairs.append(pair)
     correct = 0
     for i in range(0, n, batch_size):
-        logits, labels = interchange(model, tokenizer, pairs[i:i + batch_size], layer)
+        logits, labels = patch_entity(model, tokenizer, pairs[i:i + batch_size], layer)
         correct += answer_correct(logits, labels).sum().item()
     return correct / n
 
@@ -349,7 +338,7 @@ def report(world, model, tokenizer, seed):
     return {"seen": accuracy(model, tokenizer, world.eval_rows(world.train_templates, EVAL_ROWS, seed)),
             "held_out": accuracy(model, tokenizer, world.eval_rows(world.held_out, EVAL_ROWS, seed)),
             # JSON keys are strings: the same dict before saving and after loading.
-            "entity_patching": {str(layer): interchange_accuracy(model, tokenizer, world, layer, seed=seed)
+            "entity_patching": {str(layer): patching_accuracy(model, tokenizer, world, layer, seed=seed)
                                 for layer in range(1, model.config.num_hidden_layers)}}
 
 
