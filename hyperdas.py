@@ -693,14 +693,16 @@ def scores(examples, correct):
     groups = {}
     for e, c in rows:
         groups.setdefault((e.get("domain", ""), ravel_data.concept(e)), []).append((e, c))
-    per_attribute = {a: summary(r) for (_, a), r in sorted(groups.items(), key=lambda kv: kv[0][1])}
     by_domain = {}
-    for (domain, a), r in groups.items():
-        by_domain.setdefault(domain, []).append(per_attribute[a])
+    for (domain, _), r in groups.items():
+        by_domain.setdefault(domain, []).append(summary(r))
     macro = lambda key: mean([x for x in (mean([s[key] for s in ss if s[key] is not None]) for ss in by_domain.values())
                               if x is not None])
+    per_attribute = {}
+    for e, c in sorted(rows, key=lambda row: ravel_data.concept(row[0])):
+        per_attribute.setdefault(ravel_data.concept(e), []).append((e, c))
     return {**triple(macro("cause"), macro("isolate"), len(rows)), "pooled": summary(rows),
-            "per_attribute": per_attribute}
+            "per_attribute": {a: summary(r) for a, r in per_attribute.items()}}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -500,24 +500,41 @@ def test_end_to_end_on_a_reduced_toy_world(toy_cache):
         pytest.skip(f"RAVEL data not available: {err}")
     assert len(train) > 1000 and len(test) > 250
     cause_rows = [e for e in test if e["attribute_type"] == "causal"]
+    isolate_rows = [e for e in test if e["attribute_type"] != "causal"]
     hd = H.HyperDAS(model, tok, layer=2, feature_dim=16, num_blocks=2, lr=1e-3)
-    hd.train(train, epochs=5, batch_size=32, progress=False)      # 250 steps; measured cause 0.905
-    learned = hd.evaluate(cause_rows, progress=False)["cause"]
+    hd.train(train, epochs=5, batch_size=32, progress=False)      # 250 steps
+    learned = hd.evaluate(test, progress=False)
 
-    # Controls on the same rows: no intervention at all, and the learned subspace at random positions.
+    # Controls on the same rows: no intervention at all, the learned subspace at random positions, and the
+    # whole entity vector patched (what DAS's position with a full-rank subspace does).
     generator = torch.Generator().manual_seed(0)
 
-    def control(choose):
+    def control(choose, rows, full_vector=False):
         def plan(batch):
             weights, basis, h_source = hd.plan(batch)
+            if full_vector:
+                basis = torch.eye(basis.shape[1]).expand_as(torch.empty(basis.shape[0], basis.shape[1], basis.shape[1]))
             return choose(weights, batch), basis, h_source
         ctrl = copy.copy(hd)
         ctrl.plan = plan
-        return ctrl.evaluate(cause_rows, progress=False)["cause"]
-    none = control(lambda weights, batch: keep_only(weights))
-    rand = control(lambda weights, batch: random_one_hot(weights, batch, generator))
+        return ctrl.evaluate(rows, progress=False)
+    none = control(lambda weights, batch: keep_only(weights), cause_rows)["cause"]
+    rand = control(lambda weights, batch: random_one_hot(weights, batch, generator), cause_rows)["cause"]
+    whole = control(lambda weights, batch: entity_to_entity(weights, batch), isolate_rows + cause_rows, full_vector=True)
     assert none < 0.05                 # cause labels are the source's value, never the base's
-    assert learned > 0.6 and learned > max(none, rand) + 0.4, (learned, none, rand)
+    assert learned["cause"] > 0.6 and learned["cause"] > max(none, rand) + 0.4, (learned, none, rand)
+    # Patching the whole entity vector moves every attribute: it causes, but it cannot isolate.
+    assert whole["cause"] > 0.8 and whole["isolate"] < 0.2, whole
+    assert learned["isolate"] > whole["isolate"] + 0.4, (learned, whole)
+
+
+def entity_to_entity(weights, batch):
+    """The source's last entity token written into the base's last entity token, nothing else."""
+    out = keep_only(weights)
+    rows = torch.arange(weights.shape[0])
+    j, i = H.last_visible(batch["base"]["visible"]), H.last_visible(batch["source"]["visible"])
+    out[rows, -1, j], out[rows, i, j] = 0, 1
+    return out
 
 
 def keep_only(weights):
@@ -536,3 +553,352 @@ def random_one_hot(weights, batch, generator):
         j = dst[torch.randint(len(dst), (1,), generator=generator)]
         out[b, -1, j], out[b, i, j] = 0, 1
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Hardening: the hypernetwork really starts as a copy of the target
+
+
+def scaled_rope_model(seed=0, layers=3):
+    """A tiny Llama with Llama-3.1's rope scaling and random (not all-ones) norm weights, so that a swapped
+    or missing norm and a wrong rotary table all change the output."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                      rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0, original_max_position_embeddings=64))
+    model = LlamaForCausalLM(cfg)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.data = 1 + 0.5 * torch.randn_like(p)
+    return H.freeze(model)
+
+
+def test_copied_block_without_cross_attention_equals_the_target_layer():
+    """The paper's hypernetwork starts as a copy of the target: block i without its two memories computes
+    target layer i exactly, rope scaling included (positions offset to where the memory's keys live)."""
+    model = scaled_rope_model()
+    torch.manual_seed(1)
+    ids, pos = torch.randint(3, 40, (2, 9)), torch.arange(9)[None].expand(2, 9) + 1500
+    hs = model(input_ids=ids, position_ids=pos, output_hidden_states=True).hidden_states
+    net = H.HyperNetwork(model, H.HyperDASConfig(layer=1, feature_dim=4, num_blocks=2))
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()[None].expand(2, 9, 9)
+    for i, block in enumerate(net.encoder.blocks):
+        torch.testing.assert_close(block(hs[i], net.encoder.rope(pos), causal), hs[i + 1], atol=1e-6, rtol=1e-6)
+    assert torch.equal(net.encoder.embed.weight, model.model.embed_tokens.weight)
+    assert torch.equal(net.encoder.norm.weight, model.model.norm.weight)       # not ones
+
+
+def test_cross_attention_reads_its_memory_as_the_target_layer_reads_its_input():
+    """Official bug 10: unit-length memory into pretrained k/v projections with no norm. Here a copied
+    cross-attention reading a prompt's own states is exactly the target layer's self-attention."""
+    model = scaled_rope_model()
+    ids, pos = torch.randint(3, 40, (1, 7), generator=torch.Generator().manual_seed(2)), torch.arange(7)[None]
+    captured = []
+    handle = model.model.layers[0].self_attn.register_forward_hook(lambda m, a, out: captured.append(out[0]))
+    hs = model(input_ids=ids, position_ids=pos, output_hidden_states=True).hidden_states
+    handle.remove()
+    net = H.HyperNetwork(model, H.HyperDASConfig(layer=1, feature_dim=4, num_blocks=1))
+    block, rope = net.encoder.blocks[0], net.encoder.rope(pos)
+    causal = torch.ones(1, 7, 7, dtype=torch.bool).tril()
+    for attn, norm in ((block.source_attn, block.source_norm), (block.base_attn, block.base_norm)):
+        got = H.Block.cross(attn, norm, hs[0], rope, (hs[0], rope, causal))
+        torch.testing.assert_close(got, captured[0], atol=1e-6, rtol=1e-6)
+
+
+def test_cross_attention_copies_are_independent():
+    """Official bug 9: the three attentions aliased one storage on CPU. Here each is its own clone."""
+    model = scaled_rope_model()
+    block = H.HyperNetwork(model, H.HyperDASConfig(layer=1, feature_dim=4, num_blocks=1)).encoder.blocks[0]
+    attns = (block.self_attn, block.source_attn, block.base_attn)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        weights = [getattr(a, name).weight for a in attns]
+        target = getattr(model.model.layers[0].self_attn, name).weight
+        assert len({w.data_ptr() for w in weights} | {target.data_ptr()}) == 4
+        assert all(torch.equal(w, target) for w in weights)
+    block.source_attn.q_proj.weight.data += 1
+    assert torch.equal(block.self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_init_from_target_false_means_random_blocks_but_the_targets_embedding_and_norm(model, tok):
+    hd = new_hd(model, tok, init_from_target=False)
+    enc, layer = hd.net.encoder, model.model.layers[0]
+    assert not torch.equal(enc.blocks[0].self_attn.q_proj.weight, layer.self_attn.q_proj.weight)
+    assert torch.equal(enc.embed.weight, model.model.embed_tokens.weight)
+    assert torch.equal(enc.norm.weight, model.model.norm.weight)
+
+
+def test_selection_head_starts_at_the_init_the_official_head_ran_with(model, tok):
+    """Official bug 4: the head's uniform_(0, 1) was overwritten by N(0, 0.02); we use N(0, 0.02) on purpose."""
+    sel = new_hd(model, tok).net.selector
+    for w in (sel.query.weight, sel.base_key.weight, sel.source_key.weight):
+        assert abs(w.std().item() - 0.02) < 0.004 and abs(w.mean().item()) < 0.004
+
+
+# --------------------------------------------------------------------------------------------------
+# Hardening: tokenization with real tokenizers' habits
+
+
+def llama3_style_bpe():
+    """A byte-level BPE with Llama-3's split regex, trained here: runs of punctuation stay one pre-token,
+    so '"' + '-12' merges into 'Ġ"-', '12'."""
+    from tokenizers import Regex, decoders, trainers
+    split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [f'city: {c}, "lat": "-{n}", "lon": "{n}"' for c in CITIES for n in range(10, 40)] * 3
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="</s>",
+                                   padding_side="left")
+
+
+def test_answers_are_exactly_their_own_tokens_with_a_merging_bpe():
+    tok = llama3_style_bpe()
+    prompt, answer = 'city: Lima, "lat": "', "-12"
+    whole = tok.convert_ids_to_tokens(tok(prompt + answer, add_special_tokens=False)["input_ids"])
+    assert 'Ġ"-' in whole                              # the merge happens: the naive split would be wrong
+    enc = H.tokenize(tok, [prompt, "city: Oslo is"], [answer, "cold"], visible_chars=[len("city: Lima"), 4])
+    for row, (p, a) in enumerate(((prompt, answer), ("city: Oslo is", " cold"))):
+        ids = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
+        labels = enc["labels"][row][enc["labels"][row] != -100].tolist()
+        assert tok.decode(labels) == a and tok.decode(ids[1:len(ids) - len(labels)]) == p
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    visible = enc["input_ids"][0][enc["visible"][0]].tolist()
+    assert tok.decode(visible[1:]) == "city: Lima"          # ends at the entity's last token
+
+
+def test_a_row_without_answer_tokens_is_a_miss_never_a_hit():
+    labels = torch.tensor([[-100, -100, -100], [-100, -100, 4]])
+    logits = torch.zeros(2, 3, 6)
+    logits[1, 1, 4] = 1
+    assert H.answer_correct(logits, labels).tolist() == [False, True]
+    assert H.answer_correct(logits, labels, first_n=3).tolist() == [False, True]
+
+
+def test_visibility_ends_at_the_token_that_carries_the_entitys_end():
+    assert H.visible_count([5, 6, 7, 8], [5, 6]) == 2           # clean boundary
+    assert H.visible_count([5, 6, 9, 8], [5, 6, 7]) == 3        # the entity's last token merged with the suffix
+    assert H.visible_count([5, 6], []) == 0
+
+
+def test_empty_source_suffix_keeps_the_whole_source_visible():
+    """Official bug 1: with a no-auto-BOS tokenizer an empty source suffix hid the whole source."""
+    for auto_bos in (False, True):
+        tok = make_tokenizer(auto_bos)
+        hd = new_hd(make_model(), tok)
+        batch = hd.collate(EXAMPLES[:1])                         # source "I love Paris": suffix ""
+        assert EXAMPLES[0]["counterfactual_input_suffix"] == ""
+        assert torch.equal(batch["source"]["visible"], batch["source"]["attention_mask"].bool())
+
+
+# --------------------------------------------------------------------------------------------------
+# Hardening: precision, resources, evaluation
+
+
+def test_bases_stay_fp32_orthonormal_under_bf16_autocast(model, tok):
+    hd = new_hd(model, tok)
+    das = H.DAS(model, tok, attributes=["Country", "Continent"], layer=2, feature_dim=8)
+    for method in (hd, das):
+        batch = method.collate(EXAMPLES)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, basis, _ = method.plan(batch)
+        assert basis.dtype == torch.float32
+        eye = torch.eye(basis.shape[-1]).expand(len(EXAMPLES), -1, -1)
+        assert (basis.transpose(1, 2) @ basis - eye).abs().max() < 1e-5
+
+
+def test_no_dense_d_by_d_or_pair_concatenation_and_no_extra_model(model, tok, monkeypatch):
+    """Official resource note 14: three target-sized models at construction, [B, d, d] reflections and
+    [B, Ts, Tb, 2d] pair features. None of those here."""
+    import transformers
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    built, init = [], transformers.PreTrainedModel.__init__
+    monkeypatch.setattr(transformers.PreTrainedModel, "__init__", lambda self, *a, **k: (built.append(1), init(self, *a, **k)))
+    hd = new_hd(model, tok)
+    assert built == []
+
+    class Shapes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            shapes.update(tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+            return out
+    shapes = set()
+    batch = hd.collate(EXAMPLES)
+    B, d = len(EXAMPLES), model.config.hidden_size
+    Ts, Tb = batch["source"]["input_ids"].shape[1], batch["base"]["input_ids"].shape[1]
+    with Shapes():
+        hd.forward(EXAMPLES)
+    assert (B, Ts + 1, Tb, d) in shapes                                        # the recorder sees the pair tensor
+    assert not {(B, d, d), (B, Ts, Tb, 2 * d), (B, Ts, Tb, d)} & shapes
+
+
+def test_evaluation_judges_the_first_eval_tokens_and_never_runs_at_step_0(model, tok):
+    """Official bug 11: inference.py judged all answer tokens where training judged 3, and evaluation ran at
+    step 0. Here eval_tokens holds everywhere, and evaluation during training starts after a step."""
+    hd = new_hd(model, tok)
+    words = ["Austria", "France", "Italy", "Japan"]
+    for t in range(3):          # teacher forcing: the prediction at answer position t depends on labels < t
+        row = example("Vienna", "Paris", cf_target=" ".join(words))
+        logits, labels, _, _ = hd.forward([row])
+        predicted = logits[0, :-1].argmax(-1)[H.answer_labels(logits, labels)[0] != -100]
+        words[t] = tok.convert_ids_to_tokens(predicted[t].item())
+    words[3] = next(w for w in CITIES if w != tok.convert_ids_to_tokens(predicted[3].item()))
+    row = example("Vienna", "Paris", cf_target=" ".join(words))
+    assert hd.correct([row]) == [True]
+    hd.cfg.eval_tokens = 4
+    assert hd.correct([row]) == [False]
+    hd.cfg.eval_tokens = 3
+    calls = []
+    evaluate = hd.evaluate
+    hd.evaluate = lambda *a, **k: (calls.append(hd.step), evaluate(*a, **k))[1]
+    hd.train(EXAMPLES, epochs=2, batch_size=2, eval_data=EXAMPLES, eval_every=2, progress=False)
+    assert calls == [2, 4] and [("eval" in r) for r in hd.history] == [False, True, False, True]
+
+
+def test_the_training_loop_uses_the_cause_and_isolate_weights(model, tok):
+    hd = new_hd(model, tok, lr=0.0, basis_lr=0.0)
+    logits, labels, is_causal, _ = hd.forward(EXAMPLES)
+    assert is_causal.tolist() == [True, True, False, True]
+    expected = H.prediction_loss(logits, labels, is_causal, 3.5, 0.5).item()
+    swapped = H.prediction_loss(logits, labels, is_causal, 0.5, 3.5).item()
+    hd.train(EXAMPLES, epochs=1, batch_size=4, progress=False)
+    assert hd.history[0]["prediction"] == pytest.approx(expected, rel=1e-5) and abs(expected - swapped) > 1e-3
+
+
+def test_scores_macro_average_per_attribute_then_domain_is_the_papers_number():
+    rows = [example("Vienna", "Paris")] * 3 + [example("Oslo", "Lima", concept="Continent", attribute="Continent"),
+                                               example("Oslo", "Lima", kind="isolate", attribute="Continent")]
+    s = H.scores(rows, [True, True, True, False, True])
+    assert s["pooled"]["cause"] == pytest.approx(3 / 4)
+    assert s["cause"] == pytest.approx((1.0 + 0.0) / 2) and s["isolate"] == 1.0 and s["disentangle"] == 0.75
+    other = dict(example("Rome", "Oslo", concept="Continent", attribute="Continent"), domain="verb")
+    s2 = H.scores(rows + [other], [True, True, True, False, True, True])
+    assert s2["cause"] == pytest.approx(((1.0 + 0.0) / 2 + 1.0) / 2)        # city's mean, then verb's, averaged
+
+
+# --------------------------------------------------------------------------------------------------
+# Hardening: checkpoints and resume
+
+
+def test_das_checkpoint_loads_back(model, tok, tmp_path):
+    das = H.DAS(model, tok, attributes=["Country", "Continent"], layer=2, feature_dim=8)
+    das.train(EXAMPLES, epochs=1, batch_size=2, progress=False)
+    das.save(tmp_path / "das")
+    loaded = H.HyperDAS.load(tmp_path / "das", model, tok)
+    assert isinstance(loaded, H.DAS) and loaded.attributes == das.attributes
+    assert torch.equal(loaded.forward(EXAMPLES)[0], das.forward(EXAMPLES)[0])
+
+
+def test_command_line_round_trip_for_both_methods(model, tok, tmp_path, monkeypatch):
+    import toy_world
+    monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None: (model, tok))
+    monkeypatch.setattr(H, "ravel_examples", lambda domain, split, *a, **k: EXAMPLES)
+    for method in ("hyperdas", "das"):
+        out = tmp_path / method
+        trained = H.main(["--domain", "city", "--method", method, "--epochs", "1", "--out", str(out)])
+        again = H.main(["--evaluate", "--model_path", str(out / "checkpoint"), "--domain", "city",
+                        "--out", str(tmp_path / f"{method}-eval")])
+        assert again["method"] == method and again["mode"] == trained["mode"]
+
+
+def test_resume_refuses_a_different_run_in_one_line(model, tok, tmp_path):
+    new_hd(model, tok).train(EXAMPLES, epochs=1, batch_size=2, out_dir=tmp_path / "ckpt", progress=False)
+    for change, expected in ((dict(batch_size=4), "batch_size: 2 -> 4"), (dict(epochs=2), "epochs: 1 -> 2"),
+                             (dict(data=EXAMPLES[:3]), "examples: 4 -> 3")):
+        args = dict(dict(data=EXAMPLES, epochs=1, batch_size=2), **change)
+        with pytest.raises(ValueError, match="holds a different run") as err:
+            new_hd(model, tok).train(out_dir=tmp_path / "ckpt", progress=False, **args)
+        assert expected in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="config.lr: 0.001 -> 0.0005"):
+        new_hd(model, tok, lr=5e-4).train(EXAMPLES, epochs=1, batch_size=2, out_dir=tmp_path / "ckpt", progress=False)
+
+
+def test_checkpoint_directory_switches_as_a_whole(model, tok, tmp_path, monkeypatch):
+    hd = new_hd(model, tok)
+    hd.save(tmp_path / "ckpt")
+    first = (tmp_path / "ckpt" / "weights.safetensors").read_bytes()
+    hd.net.encoder.norm.weight.data += 1
+
+    def crash(path):
+        raise OSError("disk full")
+    with pytest.raises(OSError):          # a crash while writing leaves the old checkpoint untouched
+        H.write_checkpoint(tmp_path / "ckpt", {"weights.safetensors": lambda p: p.write_bytes(b"x"), "config.json": crash})
+    assert (tmp_path / "ckpt" / "weights.safetensors").read_bytes() == first
+    replace, calls = H.os.replace, []
+
+    def cut_after_first_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        replace(src, dst)
+    monkeypatch.setattr(H.os, "replace", cut_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):   # cut between the two renames: only ckpt.old exists
+        hd.save(tmp_path / "ckpt")
+    monkeypatch.setattr(H.os, "replace", replace)
+    assert not (tmp_path / "ckpt").exists()
+    loaded = H.HyperDAS.load(tmp_path / "ckpt", model, tok)     # takes ckpt.old back: the complete old one
+    assert (tmp_path / "ckpt" / "weights.safetensors").read_bytes() == first and loaded.step == 0
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not a HyperDAS checkpoint"):
+        hd.save(tmp_path / "mine")
+
+
+# --------------------------------------------------------------------------------------------------
+# Hardening: settings, intervene, the seed's Quick Start
+
+
+def test_settings_follow_depth_and_width_with_the_papers_row_for_llama3_8b():
+    from types import SimpleNamespace
+    fake = lambda n, d, **extra: SimpleNamespace(config=SimpleNamespace(hidden_size=d, **extra),
+                                                 model=SimpleNamespace(layers=torch.nn.ModuleList(torch.nn.Identity() for _ in range(n))))
+    settings, why = H.settings_for(fake(32, 4096))
+    assert settings == H.PAPER and "paper" in why
+    settings, _ = H.settings_for(fake(16, 2048))                      # Llama-3.2-1B: not the 8B row
+    assert (settings["layer"], settings["feature_dim"], settings["num_blocks"]) == (8, 64, 4)
+    settings, _ = H.settings_for(fake(22, 2048))                      # TinyLlama
+    assert (settings["layer"], settings["feature_dim"], settings["num_blocks"]) == (10, 64, 5)
+    assert H.settings_for(fake(4, 128, toy_world={"domain": "verb"}))[0] == H.TOY
+
+
+def test_intervene_uses_the_current_cache_argument_and_refuses_bad_prompts(model, tok):
+    import warnings
+    hd = new_hd(model, tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hd.intervene("the city of Vienna is in", "I love Paris", "Country", "Vienna", "Paris", max_new_tokens=3)
+    with pytest.raises(ValueError, match="does not occur"):
+        hd.intervene("the city of Vienna is in", "I love Paris", "Country", "Rome", "Paris")
+    with pytest.raises(ValueError, match="empty"):
+        hd.intervene("", "I love Paris", "Country", "Vienna", "Paris")
+
+
+def test_the_seed_quick_start_runs_as_written(toy_cache, monkeypatch):
+    """The paper README's snippet: no tokenizer, dataset_path, and a natural-language concept."""
+    toy_world = pytest.importorskip("toy_world")
+    from transformers import AutoModelForCausalLM
+    try:
+        toy_world.toy_target("verb", n_entities=40, steps=150, cache_dir=toy_cache, progress=False)
+    except FileNotFoundError as err:
+        pytest.skip(f"RAVEL data not available: {err}")
+    folder = next(p for p in toy_cache.iterdir() if p.name.startswith("verb-"))
+    monkeypatch.setattr(H, "SIZES", {"train": 240, "test": 80})
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    hyperdas = H.HyperDAS(model=model, layer=2, feature_dim=8, num_blocks=1)
+    hyperdas.train(dataset_path="data/ravel/verb", epochs=1, batch_size=32)
+    assert hyperdas.attributes == ["Past Tense", "Singular"] and hyperdas.domains == ["verb"]
+    text = hyperdas.intervene(base_prompt="The past tense of walk is", counterfactual_prompt="The past tense of run is",
+                              concept="the past tense of a verb")
+    assert isinstance(text, str)
+    assert hyperdas.entity_in("The past tense of walk is", "base") == "walk"
+    with pytest.raises(ValueError, match="names none of the attributes.*Past Tense, Singular"):
+        hyperdas.intervene("The past tense of walk is", "The past tense of run is", concept="the colour of a verb")
+    with pytest.raises(ValueError, match="pass base_entity="):
+        hyperdas.intervene("Nothing here", "The past tense of run is", concept="Past Tense")
+    with pytest.raises(ValueError, match="names no RAVEL domain"):
+        hyperdas.train(dataset_path="data/ravel/planets", epochs=1)
