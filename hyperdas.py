@@ -1244,6 +1244,8 @@ def run(args):
     modes = MODES if hd.method == "hyperdas" else ("soft",)   # DAS positions are one-hot already
     results = {"method": hd.method, "domain": args.domain, "model": model_name,
                "mode": {m: hd.evaluate(test, mode=m) for m in modes}}
+    results["averages"] = ("cause, isolate, disentangle: macro over attributes, then domains (the paper's number); "
+                           "pooled: over examples")
     results["seconds"] = round(time.time() - start, 1)
     print_table(results)
     out.mkdir(parents=True, exist_ok=True)

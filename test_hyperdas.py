@@ -463,6 +463,28 @@ def test_das_baseline_patches_last_entity_tokens_at_the_same_layer(model, tok):
         only_country.plan(only_country.collate([example("Oslo", "Lima", concept="Continent")]))
 
 
+def test_das_patches_the_same_hidden_states_as_manual_patching(model, tok):
+    """Official bug 7: MDAS patched one block later than HyperDAS at the same nominal layer. Our DAS with a
+    full-rank basis is exactly activation patching of hidden_states[L] at the last entity tokens."""
+    d = model.config.hidden_size
+    for L in (1, 2):
+        das = H.DAS(model, tok, attributes=["Country"], layer=L, feature_dim=d)
+        row = EXAMPLES[0]                                  # "the city of Vienna is in" <- "I love Paris"
+        base = H.tokenize(tok, [row["input_prefix"] + row["input_suffix"]], [row["counterfactual_target"]])
+        source = H.tokenize(tok, [row["counterfactual_input_prefix"]])
+        h_source = model(**H.target_inputs(source), output_hidden_states=True).hidden_states[L][:, -1]  # "Paris"
+        j = base["input_ids"][0].tolist().index(tok.convert_tokens_to_ids("Vienna"))
+
+        def manual(module, args, out):
+            out = out.clone()
+            out[:, j] = h_source
+            return out
+        handle = model.model.layers[L - 1].register_forward_hook(manual)
+        expected = model(**H.target_inputs(base)).logits[:, -2:]
+        handle.remove()
+        torch.testing.assert_close(das.forward([row])[0], expected, atol=1e-4, rtol=1e-4)
+
+
 def test_cli_has_help_everywhere_and_no_type_bool():
     parser = H.build_parser()
     for action in parser._actions:

@@ -393,7 +393,7 @@ def test_download_failures_leave_nothing_behind(tmp_path, monkeypatch):
 
 
 def test_download_and_data_dir_resolution(tmp_path, monkeypatch):
-    source = Path(_ravel_source())
+    source = Path(_ravel_source()).resolve()
     if not source.is_file():
         pytest.skip("RAVEL_DATA is a folder; the download test needs the data.tgz file")
     monkeypatch.delenv("RAVEL_DATA", raising=False)

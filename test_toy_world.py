@@ -3,7 +3,6 @@ GQA Llama, that its tokenizer behaves as hyperdas.tokenize expects, that it know
 that it reads them from the entity (what HyperDAS looks for), and that building it is deterministic
 and cached. One small world (40 verbs, 150 steps, ~20 s on 2 cores) is trained once."""
 import random
-import time
 
 import pytest
 import torch
@@ -23,9 +22,8 @@ def cache(toy_cache):
 
 @pytest.fixture(scope="module")
 def toy(cache):
-    start = time.time()
     model, tokenizer = toy_world.toy_target("verb", cache_dir=cache, **SMALL)
-    return model, tokenizer, time.time() - start
+    return model, tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +39,7 @@ def logits_of(model, tokenizer, prompts):
 
 
 def test_model_is_a_grouped_query_llama(toy):
-    model, tokenizer, _ = toy
+    model, tokenizer = toy
     assert isinstance(model, LlamaForCausalLM)
     assert model.config.num_key_value_heads < model.config.num_attention_heads
     assert model.config.vocab_size == len(tokenizer) == toy_world.VOCAB_SIZE
@@ -49,7 +47,7 @@ def test_model_is_a_grouped_query_llama(toy):
 
 
 def test_tokenizer_round_trips_and_never_adds_bos(toy):
-    _, tokenizer, _ = toy
+    _, tokenizer = toy
     for text in ["agree: agreed; look: looked; walk:", ' the word "run" is pronounced as /ˈɹən/',
                  "walk ; run - Past Tense", "  two spaces, a tab\tand ünïcödé"]:
         for add in (False, True):
@@ -66,7 +64,7 @@ def test_tokenizer_round_trips_and_never_adds_bos(toy):
 
 
 def test_model_knows_its_facts(toy, world):
-    model, tokenizer, _ = toy
+    model, tokenizer = toy
     # Measured: 99.4% of seen and 99.6% of held-out pairs after 150 steps on this world.
     seen = toy_world.accuracy(model, tokenizer, world.eval_rows(world.train_templates, 500, seed=1))
     held_out = toy_world.accuracy(model, tokenizer, world.eval_rows(world.held_out, 500, seed=1))
@@ -80,7 +78,7 @@ def test_model_knows_its_facts(toy, world):
 def test_facts_are_read_from_the_entity(toy, world):
     """Patching the source entity's state into the base entity, at any intermediate layer, makes the
     model answer with the source's value (without interchange training: 0%)."""
-    model, tokenizer, _ = toy
+    model, tokenizer = toy
     for layer in (1, 2, 3):
         # Measured: 99% at each layer on this world.
         assert toy_world.patching_accuracy(model, tokenizer, world, layer, n=200, seed=1) > 0.9
@@ -95,11 +93,13 @@ def test_held_out_templates_are_not_trained(world):
         assert held | trained == set(dom.templates[attribute])
 
 
-def test_cached_model_is_reused(toy, cache):
-    model, tokenizer, _ = toy
-    start = time.time()
+def test_cached_model_is_reused(toy, cache, monkeypatch):
+    model, tokenizer = toy
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the second call should load from the cache, not train")
+    monkeypatch.setattr(toy_world, "train", no_training)
     again, again_tokenizer = toy_world.toy_target("verb", cache_dir=cache, **SMALL)
-    assert time.time() - start < 5, "the second call should load from the cache, not train"
     assert len(list(cache.iterdir())) == 1
     assert again_tokenizer.get_vocab() == tokenizer.get_vocab()
     prompts = ["agree: agreed; look: looked; walk:", "The past tense of run is"]
