@@ -706,6 +706,65 @@ def scores(examples, correct):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Examples -> batches: the base prompt with its answer, the source prompt, and the instruction.
+
+
+def instruction_text(template, base, source, attribute):
+    values = dict(base=base, source=source, attribute=attribute)
+    missing = sorted(n for n in template_fields(template) if values.get(n) is None)
+    if missing:
+        raise ValueError(f"The instruction template {template!r} needs {missing}: pass base_entity= and "
+                         "source_entity= (or use a template without them).")
+    return template.format(**values)
+
+
+def template_fields(template):
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+def collate(examples, tokenizer, template):
+    """Examples with the official fields -> tokenized base (with its answer), source and instruction."""
+    e = examples
+    # The hypernetwork sees BOS + prefix (which ends with the entity); suffix and answer stay hidden.
+    base = tokenize(tokenizer, [x["input_prefix"] + x["input_suffix"] for x in e], [ravel_data.label(x) for x in e],
+                    [len(x["input_prefix"]) for x in e])
+    source = tokenize(tokenizer, [x["counterfactual_input_prefix"] + x["counterfactual_input_suffix"] for x in e],
+                      visible_chars=[len(x["counterfactual_input_prefix"]) for x in e])
+    concepts = [ravel_data.concept(x) for x in e]
+    instruction = tokenize(tokenizer, [instruction_text(template, x["entity"], x["counterfactual_entity"], c)
+                                       for x, c in zip(e, concepts)])
+    return dict(base=base, source=source, instruction=instruction, concepts=concepts,
+                is_causal=torch.tensor([x["attribute_type"] == "causal" for x in e]))
+
+
+def whole_words(name, text):
+    return re.search(rf"(?<!\w){re.escape(name.lower())}(?!\w)", text.lower()) is not None
+
+
+def attribute_named(concept, attributes):
+    """The trained attribute a concept names: itself, or the longest of `attributes` whose name it contains
+    as whole words, ignoring case ("the country of a city" -> "Country"). Untrained: the concept itself."""
+    if not attributes or concept in attributes:
+        return concept
+    named = [a for a in attributes if whole_words(a, concept)]
+    if not named:
+        raise ValueError(f"The concept {concept!r} names none of the trained attributes: {', '.join(attributes)}.")
+    return max(named, key=len)
+
+
+def entity_in(prompt, domains, role):
+    """The entity a prompt mentions: the longest entity name of the given RAVEL domains that occurs in the
+    prompt as whole words."""
+    names = []
+    with contextlib.suppress(FileNotFoundError, RuntimeError, ValueError):
+        names = [n for d in domains for n in ravel_data.load_domain(d).entities if whole_words(n, prompt)]
+    if not names:
+        raise ValueError(f"The instruction template needs the {role} entity and no entity of "
+                         f"{domains or 'a trained domain'} occurs in {prompt!r}: pass {role}_entity=.")
+    return max(names, key=len)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Checkpoints: a directory of safetensors and JSON files, replaced as a whole.
 
 
@@ -756,6 +815,96 @@ def read_tensors(path, device="cpu"):
         raise ValueError(f"{path} is damaged or unreadable ({err}); delete the checkpoint and train again.") from None
 
 
+def save_checkpoint(hd, path, optimizer=None, run=None):
+    """Weights and configuration, and with an optimizer everything needed to resume: its moments, the step,
+    the history and what defines the run."""
+    state = {k: v.detach().contiguous().cpu() for k, v in hd.net.state_dict().items()}
+    info = {"method": hd.method, "config": asdict(hd.cfg), "attributes": hd.attributes, "domains": hd.domains,
+            "step": hd.step}
+    files = {"weights.safetensors": lambda p: save_file(state, str(p)),
+             "config.json": lambda p: p.write_text(json.dumps(info, indent=2))}
+    if optimizer is not None:
+        tensors = {f"{idx}.{k}": torch.as_tensor(v).contiguous().cpu()
+                   for idx, st in optimizer.state_dict()["state"].items() for k, v in st.items()}
+        meta = {"step": hd.step, "history": hd.history, "run": run}
+        files["optimizer.safetensors"] = lambda p: save_file(tensors, str(p))
+        files["training.json"] = lambda p: p.write_text(json.dumps(meta))
+    write_checkpoint(path, files)
+
+
+def load_checkpoint(path, model, tokenizer=None):
+    """A HyperDAS or DAS rebuilt with its saved configuration (so N blocks stays N) and weights."""
+    path = checkpoint_path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a HyperDAS checkpoint (no config.json in it).")
+    info = read_json(path / "config.json")
+    method = {c.method: c for c in (HyperDAS, DAS)}[info.get("method", "hyperdas")]
+    config = {**info["config"], "init_from_target": False}   # the weights come from the file
+    hd = method(model, tokenizer, attributes=info.get("attributes", ()), **config)
+    hd.cfg.init_from_target = info["config"]["init_from_target"]
+    hd.domains, hd.step = info.get("domains", []), info.get("step", 0)
+    load_weights(hd, path)
+    return hd
+
+
+def load_weights(hd, path):
+    file = Path(path) / "weights.safetensors"
+    try:
+        hd.net.load_state_dict(read_tensors(file, hd.device))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1].strip()
+        raise ValueError(f"{file} does not fit this model and configuration ({first}).") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training loop (§3): AdamW on the prediction and sparsity losses, with checkpoints and resume.
+
+
+def train_loop(hd, examples, epochs, batch_size, eval_data=None, eval_every=0, out_dir=None, save_every=0,
+               progress=True):
+    """Train hd.net for `epochs` over `examples` (a fresh order each epoch, seeded). With out_dir, save every
+    `save_every` steps and at the end; a saved run is resumed if it is this one, and refused otherwise."""
+    steps_per_epoch = math.ceil(len(examples) / batch_size)
+    total = epochs * steps_per_epoch
+    run = json.loads(json.dumps(dict(method=hd.method, config=asdict(hd.cfg), attributes=hd.attributes,
+                                     epochs=epochs, batch_size=batch_size, examples=len(examples),
+                                     data=fingerprint(examples))))
+    opt = hd.make_optimizer()
+    if out_dir and (checkpoint_path(out_dir) / "training.json").exists():
+        resume(hd, out_dir, opt, run)
+    hd.net.train()
+    bar = tqdm(range(hd.step, total), initial=hd.step, total=total, disable=not progress, desc="train")
+    for step in bar:
+        epoch, i = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(hd.cfg.seed + epoch))
+        record = train_step(hd, [examples[j] for j in order[i * batch_size:(i + 1) * batch_size]], opt,
+                            sparsity_weight(step, total, hd.cfg))
+        hd.step = step + 1
+        record = dict(step=hd.step, **record)
+        if eval_data is not None and eval_every and hd.step % eval_every == 0:   # never at step 0
+            record["eval"] = hd.evaluate(eval_data, progress=False)
+            hd.net.train()
+        hd.history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}")
+        if out_dir and ((save_every and hd.step % save_every == 0) or hd.step == total):
+            save_checkpoint(hd, out_dir, opt, run)
+    hd.net.eval()
+    return hd.history
+
+
+def train_step(hd, examples, optimizer, w_sparse):
+    """One optimisation step: L = prediction + w_sparse * sparsity, gradient clipping, AdamW."""
+    logits, labels, is_causal, weights = hd.forward(examples)
+    prediction = prediction_loss(logits, labels, is_causal, hd.cfg.causal_weight, hd.cfg.isolate_weight)
+    sparse = sparsity_loss(weights)
+    loss = prediction + w_sparse * sparse
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(hd.trainable_parameters(), hd.cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return dict(loss=loss.item(), prediction=prediction.item(), sparsity=sparse.item(), sparsity_weight=w_sparse)
+
+
 def fingerprint(examples):
     """A short hash of the training examples, so a resumed run is known to see the same data."""
     return hashlib.sha256(json.dumps(examples, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -773,12 +922,25 @@ def differences(saved, now, prefix=""):
     return out
 
 
-def whole_words(name, text):
-    return re.search(rf"(?<!\w){re.escape(name.lower())}(?!\w)", text.lower()) is not None
+def resume(hd, path, optimizer, run):
+    """Continue the run saved at path: the same settings, schedule and data, or a one-line refusal."""
+    path = checkpoint_path(path)
+    meta = read_json(path / "training.json")
+    if meta.get("run") != run:
+        diff = "; ".join(differences(meta.get("run") or {}, run)) or "an older checkpoint format"
+        raise ValueError(f"{path} holds a different run ({diff}): repeat its settings and data to resume it, "
+                         f"or start fresh in another output directory (or delete {path}).")
+    load_weights(hd, path)
+    state = {}
+    for key, value in read_tensors(path / "optimizer.safetensors").items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value.to(hd.device) if value.dim() else value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    hd.step, hd.history = meta["step"], meta["history"]
 
 
 # ----------------------------------------------------------------------------------------------------
-# The user API.
+# The HyperDAS a user holds: the frozen target, the hypernetwork, and the method's steps on a batch.
 
 
 class HyperDAS:
@@ -814,52 +976,16 @@ class HyperDAS:
     def build(self):
         return HyperNetwork(self.model, self.cfg)
 
-    # -- examples -> batches ----------------------------------------------------------------------
-
-    def instruction(self, base, source, attribute):
-        values = dict(base=base, source=source, attribute=attribute)
-        needed = {name for _, name, _, _ in string.Formatter().parse(self.cfg.instruction_template) if name}
-        missing = sorted(n for n in needed if values.get(n) is None)
-        if missing:
-            raise ValueError(f"The instruction template {self.cfg.instruction_template!r} needs {missing}: pass "
-                             "base_entity= and source_entity= (or use a template without them).")
-        return self.cfg.instruction_template.format(**values)
+    # -- the method on a batch: steps 1-4 -------------------------------------------------------------
 
     def collate(self, examples):
-        """Examples with the official fields -> tokenized base (with its answer), source and instruction."""
-        e = examples
-        prompts = [x["input_prefix"] + x["input_suffix"] for x in e]
-        # The hypernetwork sees BOS + prefix (which ends with the entity); suffix and answer stay hidden.
-        base = tokenize(self.tokenizer, prompts, [ravel_data.label(x) for x in e], [len(x["input_prefix"]) for x in e])
-        source = tokenize(self.tokenizer, [x["counterfactual_input_prefix"] + x["counterfactual_input_suffix"] for x in e],
-                          visible_chars=[len(x["counterfactual_input_prefix"]) for x in e])
-        concepts = [ravel_data.concept(x) for x in e]
-        instruction = tokenize(self.tokenizer, [self.instruction(x["entity"], x["counterfactual_entity"], c)
-                                                for x, c in zip(e, concepts)])
-        is_causal = torch.tensor([x["attribute_type"] == "causal" for x in e])
-        return self.batch(base, source, instruction, concepts, is_causal)
+        batch = collate(examples, self.tokenizer, self.cfg.instruction_template)
+        return self.batch(batch["base"], batch["source"], batch["instruction"], batch["concepts"], batch["is_causal"])
 
     def batch(self, base, source, instruction, concepts, is_causal=None):
         to = lambda d: {k: v.to(self.device) for k, v in d.items()}
         return dict(base=to(base), source=to(source), instruction=to(instruction), concepts=concepts,
                     is_causal=None if is_causal is None else is_causal.to(self.device))
-
-    def examples(self, data, split):
-        """A list of examples, or a RAVEL domain by name or path ("city", "data/ravel/city"): its pairs,
-        generated and filtered for this model; a path's parent is used as RAVEL's data if it holds it."""
-        if not isinstance(data, (str, os.PathLike)):
-            return list(data)
-        path = Path(data)
-        if path.name not in ravel_data.DOMAINS + ("all",):
-            raise ValueError(f"{str(data)!r} names no RAVEL domain: give one of {', '.join(ravel_data.DOMAINS)}, all "
-                             "(or a path ending in one, such as data/ravel/city), or a list of examples.")
-        folder = None
-        if str(path.parent) not in ("", "."):
-            with contextlib.suppress(FileNotFoundError, RuntimeError):
-                folder = ravel_data.data_dir(path.parent)
-        return ravel_examples(path.name, split, self.model, self.tokenizer, seed=self.cfg.seed, data=folder)
-
-    # -- the method: steps 1-4 ------------------------------------------------------------------------
 
     def plan(self, batch):
         """Steps 1-3: read both prompts, return selection weights [B, Ts+1, Tb], basis [B, d, k] and the
@@ -887,7 +1013,7 @@ class HyperDAS:
         # bf16 matmuls on GPU with fp32 master weights; plain fp32 on CPU, where bf16 is 20-45x slower.
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
-    # -- training ---------------------------------------------------------------------------------------
+    # -- training and evaluation ------------------------------------------------------------------------
 
     def trainable_parameters(self):
         return [p for p in self.net.parameters() if p.requires_grad]
@@ -901,11 +1027,24 @@ class HyperDAS:
                   dict(params=[p for p in params if id(p) not in basis], lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)]
         return torch.optim.AdamW([g for g in groups if g["params"]])
 
+    def examples(self, data, split):
+        """A list of examples, or a RAVEL domain by name or path ("city", "data/ravel/city"): its pairs,
+        generated and filtered for this model; a path's parent is used as RAVEL's data if it holds it."""
+        if not isinstance(data, (str, os.PathLike)):
+            return list(data)
+        path = Path(data)
+        if path.name not in ravel_data.DOMAINS + ("all",):
+            raise ValueError(f"{str(data)!r} names no RAVEL domain: give one of {', '.join(ravel_data.DOMAINS)}, all "
+                             "(or a path ending in one, such as data/ravel/city), or a list of examples.")
+        folder = None
+        if str(path.parent) not in ("", "."):
+            with contextlib.suppress(FileNotFoundError, RuntimeError):
+                folder = ravel_data.data_dir(path.parent)
+        return ravel_examples(path.name, split, self.model, self.tokenizer, seed=self.cfg.seed, data=folder)
+
     def train(self, data=None, epochs=5, batch_size=32, eval_data=None, eval_every=0, out_dir=None, save_every=0,
               progress=True, dataset_path=None):
-        """Train on examples or a RAVEL domain (`data` or `dataset_path`, see examples()). With out_dir,
-        checkpoints are written every `save_every` steps and at the end, and the same call resumes from
-        the last one; a call whose settings, schedule or data differ from the saved run's is refused."""
+        """Train on examples or a RAVEL domain (`data` or `dataset_path`, see examples()); see train_loop."""
         if data is None and dataset_path is None:
             raise ValueError("No training data: pass a list of examples or dataset_path='city' (a RAVEL domain).")
         if epochs < 1 or batch_size < 1:
@@ -916,46 +1055,7 @@ class HyperDAS:
         if self.method == "hyperdas":
             self.attributes = sorted(set(self.attributes) | {ravel_data.concept(e) for e in examples})
         self.domains = sorted(set(self.domains) | {e["domain"] for e in examples if e.get("domain")})
-        steps_per_epoch = math.ceil(len(examples) / batch_size)
-        total = epochs * steps_per_epoch
-        run = json.loads(json.dumps(dict(method=self.method, config=asdict(self.cfg), attributes=self.attributes,
-                                         epochs=epochs, batch_size=batch_size, examples=len(examples),
-                                         data=fingerprint(examples))))
-        opt = self.make_optimizer()
-        if out_dir and (checkpoint_path(out_dir) / "training.json").exists():
-            self.resume(out_dir, opt, run)
-        self.net.train()
-        bar = tqdm(range(self.step, total), initial=self.step, total=total, disable=not progress, desc="train")
-        for step in bar:
-            epoch, i = divmod(step, steps_per_epoch)
-            order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-            record = self.train_step([examples[j] for j in order[i * batch_size:(i + 1) * batch_size]], opt,
-                                     sparsity_weight(step, total, self.cfg))
-            self.step = step + 1
-            record = dict(step=self.step, **record)
-            if eval_data is not None and eval_every and self.step % eval_every == 0:   # never at step 0
-                record["eval"] = self.evaluate(eval_data, progress=False)
-                self.net.train()
-            self.history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if out_dir and ((save_every and self.step % save_every == 0) or self.step == total):
-                self.save(out_dir, opt, run)
-        self.net.eval()
-        return self.history
-
-    def train_step(self, examples, optimizer, w_sparse):
-        """One optimisation step: L = prediction + w_sparse * sparsity (§3), clipped, AdamW."""
-        logits, labels, is_causal, weights = self.forward(examples)
-        prediction = prediction_loss(logits, labels, is_causal, self.cfg.causal_weight, self.cfg.isolate_weight)
-        sparse = sparsity_loss(weights)
-        loss = prediction + w_sparse * sparse
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return dict(loss=loss.item(), prediction=prediction.item(), sparsity=sparse.item(), sparsity_weight=w_sparse)
-
-    # -- evaluation -------------------------------------------------------------------------------------
+        return train_loop(self, examples, epochs, batch_size, eval_data, eval_every, out_dir, save_every, progress)
 
     @torch.no_grad()
     def evaluate(self, data, mode="soft", batch_size=32, progress=True):
@@ -978,44 +1078,22 @@ class HyperDAS:
 
     # -- using a trained HyperDAS -------------------------------------------------------------------
 
-    def attribute_of(self, concept):
-        """The trained attribute a concept names: itself, or the longest trained attribute whose name it
-        contains as whole words, ignoring case ("the country of a city" -> "Country")."""
-        if not self.attributes or concept in self.attributes:
-            return concept
-        named = [a for a in self.attributes if whole_words(a, concept)]
-        if not named:
-            raise ValueError(f"The concept {concept!r} names none of the attributes this {self.method} was trained "
-                             f"on: {', '.join(self.attributes)}.")
-        return max(named, key=len)
-
-    def entity_in(self, prompt, role):
-        """The entity a prompt mentions: the longest entity name of the RAVEL domains this HyperDAS was
-        trained on that occurs in the prompt as whole words."""
-        names = []
-        with contextlib.suppress(FileNotFoundError, RuntimeError, ValueError):
-            names = [n for d in self.domains for n in ravel_data.load_domain(d).entities if whole_words(n, prompt)]
-        if not names:
-            raise ValueError(f"The instruction template {self.cfg.instruction_template!r} needs the {role} entity and "
-                             f"no entity of {self.domains or 'a trained domain'} occurs in {prompt!r}: pass {role}_entity=.")
-        return max(names, key=len)
-
     @torch.no_grad()
     def intervene(self, base_prompt, counterfactual_prompt, concept, base_entity=None, source_entity=None,
                   max_new_tokens=8, mode="soft", return_positions=False):
-        """Greedy continuation of base_prompt with `concept` taken from counterfactual_prompt. The
-        hypernetwork sees each prompt up to its entity; entities the template needs but that are not given
-        are found with entity_in(). With return_positions, also the (base token, source token, weight)
-        pairs it chose: every base position whose largest share is a source token."""
+        """Greedy continuation of base_prompt with `concept` (attribute_named) taken from counterfactual_prompt.
+        The hypernetwork sees each prompt up to its entity; entities the instruction template needs but that
+        are not given are found with entity_in(). With return_positions, also the (base token, source token,
+        weight) pairs it chose: every base position whose largest share is a source token."""
         for name, prompt in (("base_prompt", base_prompt), ("counterfactual_prompt", counterfactual_prompt)):
             if not prompt or not prompt.strip():
                 raise ValueError(f"{name} is empty: give the text to intervene on.")
-        attribute = self.attribute_of(concept)
-        needed = {n for _, n, _, _ in string.Formatter().parse(self.cfg.instruction_template) if n}
+        attribute = attribute_named(concept, self.attributes)
+        needed = template_fields(self.cfg.instruction_template)
         if "base" in needed and base_entity is None:
-            base_entity = self.entity_in(base_prompt, "base")
+            base_entity = entity_in(base_prompt, self.domains, "base")
         if "source" in needed and source_entity is None:
-            source_entity = self.entity_in(counterfactual_prompt, "source")
+            source_entity = entity_in(counterfactual_prompt, self.domains, "source")
 
         def upto(prompt, entity, name):
             if entity is None:
@@ -1024,10 +1102,11 @@ class HyperDAS:
                 raise ValueError(f"{name}={entity!r} does not occur in {prompt!r}.")
             return [prompt.index(entity) + len(entity)]
         tok = self.tokenizer
+        instruction = instruction_text(self.cfg.instruction_template, base_entity, source_entity, attribute)
         batch = self.batch(tokenize(tok, [base_prompt], visible_chars=upto(base_prompt, base_entity, "base_entity")),
                            tokenize(tok, [counterfactual_prompt],
                                     visible_chars=upto(counterfactual_prompt, source_entity, "source_entity")),
-                           tokenize(tok, [self.instruction(base_entity, source_entity, attribute)]), [attribute])
+                           tokenize(tok, [instruction]), [attribute])
         self.net.eval()
         base = batch["base"]
         # transformers 5.2x renamed forward's past_key_values to cache; pass whichever this version takes.
@@ -1057,64 +1136,14 @@ class HyperDAS:
                   for j, i in enumerate(w.argmax(0).tolist()) if i < len(source_tokens)]
         return text, chosen
 
-    # -- saving and loading ---------------------------------------------------------------------------
-
-    def info(self):
-        return {"method": self.method, "config": asdict(self.cfg), "attributes": self.attributes,
-                "domains": self.domains, "step": self.step}
-
-    def save(self, path, optimizer=None, run=None):
-        """Write the checkpoint directory (write_checkpoint): weights and configuration, and with an optimizer
-        everything needed to resume (its moments, the step, the history and what defines the run)."""
-        state = {k: v.detach().contiguous().cpu() for k, v in self.net.state_dict().items()}
-        files = {"weights.safetensors": lambda p: save_file(state, str(p)),
-                 "config.json": lambda p: p.write_text(json.dumps(self.info(), indent=2))}
-        if optimizer is not None:
-            tensors = {f"{idx}.{k}": torch.as_tensor(v).contiguous().cpu()
-                       for idx, st in optimizer.state_dict()["state"].items() for k, v in st.items()}
-            meta = {"step": self.step, "history": self.history, "run": run}
-            files["optimizer.safetensors"] = lambda p: save_file(tensors, str(p))
-            files["training.json"] = lambda p: p.write_text(json.dumps(meta))
-        write_checkpoint(path, files)
+    def save(self, path):
+        """Write weights and configuration to the directory `path` (replaced as a whole)."""
+        save_checkpoint(self, path)
 
     @classmethod
     def load(cls, path, model, tokenizer=None):
-        """Rebuild a HyperDAS or DAS from a saved directory with its saved configuration (so N blocks stays N)."""
-        path = checkpoint_path(path)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} is not a HyperDAS checkpoint (no config.json in it).")
-        info = read_json(path / "config.json")
-        method = {c.method: c for c in (HyperDAS, DAS)}[info.get("method", "hyperdas")]
-        config = {**info["config"], "init_from_target": False}   # the weights come from the file
-        hd = method(model, tokenizer, attributes=info.get("attributes", ()), **config)
-        hd.cfg.init_from_target = info["config"]["init_from_target"]
-        hd.domains, hd.step = info.get("domains", []), info.get("step", 0)
-        hd.load_weights(path)
-        return hd
-
-    def load_weights(self, path):
-        file = Path(path) / "weights.safetensors"
-        try:
-            self.net.load_state_dict(read_tensors(file, self.device))
-        except RuntimeError as err:
-            first = str(err).strip().splitlines()[-1].strip()
-            raise ValueError(f"{file} does not fit this model and configuration ({first}).") from None
-
-    def resume(self, path, optimizer, run):
-        """Continue the run saved at path: the same settings, schedule and data, or a clear refusal."""
-        path = checkpoint_path(path)
-        meta = read_json(path / "training.json")
-        if meta.get("run") != run:
-            diff = "; ".join(differences(meta.get("run") or {}, run)) or "an older checkpoint format"
-            raise ValueError(f"{path} holds a different run ({diff}): repeat its settings and data to resume it, "
-                             f"or start fresh in another output directory (or delete {path}).")
-        self.load_weights(path)
-        state = {}
-        for key, value in read_tensors(path / "optimizer.safetensors").items():
-            idx, name = key.split(".", 1)
-            state.setdefault(int(idx), {})[name] = value.to(self.device) if value.dim() else value
-        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-        self.step, self.history = meta["step"], meta["history"]
+        """A HyperDAS or DAS, as it was saved (load_checkpoint)."""
+        return load_checkpoint(path, model, tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -917,8 +917,8 @@ def test_the_seed_quick_start_runs_as_written(toy_cache, monkeypatch):
     text = hyperdas.intervene(base_prompt="The past tense of walk is", counterfactual_prompt="The past tense of run is",
                               concept="the past tense of a verb")
     assert isinstance(text, str)
-    assert hyperdas.entity_in("The past tense of walk is", "base") == "walk"
-    with pytest.raises(ValueError, match="names none of the attributes.*Past Tense, Singular"):
+    assert H.entity_in("The past tense of walk is", hyperdas.domains, "base") == "walk"
+    with pytest.raises(ValueError, match="names none of the trained attributes: Past Tense, Singular"):
         hyperdas.intervene("The past tense of walk is", "The past tense of run is", concept="the colour of a verb")
     with pytest.raises(ValueError, match="pass base_entity="):
         hyperdas.intervene("Nothing here", "The past tense of run is", concept="Past Tense")
