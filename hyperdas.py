@@ -213,13 +213,14 @@ def answer_ids(tokenizer, prompts, answers, prompt_ids):
     return out
 
 
-def visible_count(prompt_ids, part_ids):
-    """How many of the prompt's tokens start within its first characters (whose own tokens are part_ids):
-    the shared prefix, plus the token that straddles the boundary if one does (it carries the entity's end)."""
-    m = 0
-    while m < min(len(prompt_ids), len(part_ids)) and prompt_ids[m] == part_ids[m]:
-        m += 1
-    return m if m == len(part_ids) else min(m + 1, len(prompt_ids))
+def visible_counts(tokenizer, prompts, visible_chars):
+    """How many of each prompt's tokens start within its first visible_chars[i] characters. A token that
+    straddles the boundary (the entity's end merged with what follows) counts: it carries the entity's end."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{type(tokenizer).__name__} is a slow tokenizer: HyperDAS needs token offsets; load the "
+                         "fast one (AutoTokenizer.from_pretrained(..., use_fast=True)).")
+    offsets = tokenizer(prompts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [sum(start < n for start, _ in row) for row, n in zip(offsets, visible_chars)]
 
 
 def tokenize(tokenizer, prompts, answers=None, visible_chars=None):
@@ -240,7 +241,7 @@ def tokenize(tokenizer, prompts, answers=None, visible_chars=None):
     if visible_chars is None:
         n_visible = [len(p) for p in ids]
     else:
-        n_visible = [visible_count(p, v) for p, v in zip(ids, encode(tokenizer, [p[:n] for p, n in zip(prompts, visible_chars)]))]
+        n_visible = visible_counts(tokenizer, prompts, visible_chars)
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     rows = [bos + p + t for p, t in zip(ids, tails)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -737,8 +738,14 @@ def collate(examples, tokenizer, template):
                 is_causal=torch.tensor([x["attribute_type"] == "causal" for x in e]))
 
 
+def entity_end(prompt, entity):
+    """Where the entity's first whole-word mention ends in the prompt (ignoring case), or None."""
+    found = re.search(rf"(?<!\w){re.escape(entity)}(?!\w)", prompt, flags=re.IGNORECASE)
+    return found.end() if found else None
+
+
 def whole_words(name, text):
-    return re.search(rf"(?<!\w){re.escape(name.lower())}(?!\w)", text.lower()) is not None
+    return entity_end(text, name) is not None
 
 
 def attribute_named(concept, attributes):
@@ -780,7 +787,7 @@ def write_checkpoint(path, files):
     checkpoint_path() takes back. A reader never sees a mixed or half-written checkpoint."""
     path = Path(path)
     new, old = path.with_name(path.name + ".new"), path.with_name(path.name + ".old")
-    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").exists():
+    if path.is_dir() and any(path.iterdir()) and not is_checkpoint(path):
         raise ValueError(f"{path} exists and is not a HyperDAS checkpoint; choose a new or empty directory.")
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir(parents=True)
@@ -793,9 +800,18 @@ def write_checkpoint(path, files):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def is_checkpoint(path):
+    """A directory this project wrote: its config.json names a method (a model folder's config.json does not)."""
+    with contextlib.suppress(OSError, ValueError):
+        info = json.loads((Path(path) / "config.json").read_text())
+        return isinstance(info, dict) and info.get("method") in ("hyperdas", "das") and "config" in info
+    return False
+
+
 def checkpoint_path(path):
     """The checkpoint directory to read, after taking back path.old if a save was cut between its renames."""
-    path, old = Path(path), Path(f"{path}.old")
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
     if not path.exists() and old.is_dir():
         os.replace(old, path)
     return path
@@ -838,7 +854,11 @@ def load_checkpoint(path, model, tokenizer=None):
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a HyperDAS checkpoint (no config.json in it).")
     info = read_json(path / "config.json")
-    method = {c.method: c for c in (HyperDAS, DAS)}[info.get("method", "hyperdas")]
+    known = {f.name for f in fields(HyperDASConfig)}
+    if not is_checkpoint(path) or set(info["config"]) - known:
+        raise ValueError(f"{path / 'config.json'} is not a HyperDAS or DAS checkpoint's configuration "
+                         "(a model folder, or a checkpoint of another version).")
+    method = {c.method: c for c in (HyperDAS, DAS)}[info["method"]]
     config = {**info["config"], "init_from_target": False}   # the weights come from the file
     hd = method(model, tokenizer, attributes=info.get("attributes", ()), **config)
     hd.cfg.init_from_target = info["config"]["init_from_target"]
@@ -870,6 +890,7 @@ def train_loop(hd, examples, epochs, batch_size, eval_data=None, eval_every=0, o
                                      epochs=epochs, batch_size=batch_size, examples=len(examples),
                                      data=fingerprint(examples))))
     opt = hd.make_optimizer()
+    hd.step, hd.history = 0, []          # a new run, also for a loaded HyperDAS, unless this one resumes
     if out_dir and (checkpoint_path(out_dir) / "training.json").exists():
         resume(hd, out_dir, opt, run)
     hd.net.train()
@@ -1098,9 +1119,9 @@ class HyperDAS:
         def upto(prompt, entity, name):
             if entity is None:
                 return None
-            if entity not in prompt:
-                raise ValueError(f"{name}={entity!r} does not occur in {prompt!r}.")
-            return [prompt.index(entity) + len(entity)]
+            if entity_end(prompt, entity) is None:
+                raise ValueError(f"{name}={entity!r} does not occur in {prompt!r} as a word of its own.")
+            return [entity_end(prompt, entity)]
         tok = self.tokenizer
         instruction = instruction_text(self.cfg.instruction_template, base_entity, source_entity, attribute)
         batch = self.batch(tokenize(tok, [base_prompt], visible_chars=upto(base_prompt, base_entity, "base_entity")),

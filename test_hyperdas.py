@@ -702,9 +702,15 @@ def test_a_row_without_answer_tokens_is_a_miss_never_a_hit():
 
 
 def test_visibility_ends_at_the_token_that_carries_the_entitys_end():
-    assert H.visible_count([5, 6, 7, 8], [5, 6]) == 2           # clean boundary
-    assert H.visible_count([5, 6, 9, 8], [5, 6, 7]) == 3        # the entity's last token merged with the suffix
-    assert H.visible_count([5, 6], []) == 0
+    """Every token that starts within the visible characters is visible, also when the suffix re-splits the
+    entity's last tokens: with merges cd > bc > ab, "abc" is [a, bc] but "abcdx" is [ab, cd, x]."""
+    vocab = {w: i for i, w in enumerate(["<s>", "</s>", "a", "b", "c", "d", "x", "cd", "bc", "ab"])}
+    bpe = Tokenizer(models.BPE(vocab, [("c", "d"), ("b", "c"), ("a", "b")]))
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    enc = H.tokenize(tok, ["abcdx", "abcdx", "abc"], visible_chars=[3, 2, 3])
+    visible = [tok.convert_ids_to_tokens(enc["input_ids"][i][enc["visible"][i]].tolist()) for i in range(3)]
+    assert visible == [["<s>", "ab", "cd"], ["<s>", "ab"], ["<s>", "a", "bc"]]
 
 
 def test_empty_source_suffix_keeps_the_whole_source_visible():
@@ -924,3 +930,33 @@ def test_the_seed_quick_start_runs_as_written(toy_cache, monkeypatch):
         hyperdas.intervene("Nothing here", "The past tense of run is", concept="Past Tense")
     with pytest.raises(ValueError, match="names no RAVEL domain"):
         hyperdas.train(dataset_path="data/ravel/planets", epochs=1)
+
+
+def test_saving_never_replaces_a_folder_it_did_not_write(model, tok, tmp_path):
+    model.save_pretrained(tmp_path / "my-llama")                      # a model folder has a config.json too
+    before = sorted(p.name for p in (tmp_path / "my-llama").iterdir())
+    with pytest.raises(ValueError, match="not a HyperDAS checkpoint"):
+        new_hd(model, tok).save(tmp_path / "my-llama")
+    assert sorted(p.name for p in (tmp_path / "my-llama").iterdir()) == before
+    with pytest.raises(ValueError, match="not a HyperDAS or DAS checkpoint"):
+        H.HyperDAS.load(tmp_path / "my-llama", model, tok)
+    hd = new_hd(model, tok)
+    hd.save(str(tmp_path / "ckpt") + "/")                             # a trailing slash names the same folder
+    assert H.checkpoint_path(str(tmp_path / "ckpt") + "/") == tmp_path / "ckpt"
+    assert not (tmp_path / "ckpt.old").exists() and (tmp_path / "ckpt" / "config.json").exists()
+
+
+def test_a_loaded_hyperdas_trains_a_new_run_from_step_0(model, tok, tmp_path):
+    hd = new_hd(model, tok)
+    hd.train(EXAMPLES, epochs=1, batch_size=2, progress=False)
+    hd.save(tmp_path / "ckpt")
+    loaded = H.HyperDAS.load(tmp_path / "ckpt", model, tok)
+    assert loaded.step == 2
+    assert [r["step"] for r in loaded.train(EXAMPLES, epochs=1, batch_size=2, progress=False)] == [1, 2]
+
+
+def test_intervene_sees_the_prompt_up_to_the_entitys_own_mention(model, tok):
+    """The entity is located as a word of its own, not inside a longer word ("Paris" in "Parisians")."""
+    assert H.entity_end("Parisians love Paris", "Paris") == len("Parisians love Paris")
+    assert H.entity_end("vienna is in", "Vienna") == len("vienna")
+    assert H.entity_end("Parisians love it", "Paris") is None

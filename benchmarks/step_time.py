@@ -61,7 +61,7 @@ def main():
         model = LlamaForCausalLM(cfg).to(dtype)
     hd = H.HyperDAS(model, WordTokenizer(), layer=layers // 2, feature_dim=args.feature_dim,
                     num_blocks=args.num_blocks)
-    opt = hd.optimizer()
+    opt = hd.make_optimizer()
     batch_examples = [example(i, args.words) for i in range(args.batch_size)]
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     parts = {k: 0.0 for k in ("target passes (no grad)", "hypernetwork forward", "intervened forward",
