@@ -24,19 +24,14 @@ import os
 import random
 import re
 import shutil
+import signal
 import string
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 import ravel_data
 
@@ -78,15 +73,97 @@ SIZES = {"train": 6000, "test": 2000}   # RAVEL pairs generated per split before
 MODES = ("soft", "one_to_many", "one_to_one")   # the paper's Soft / One-to-Many / One-to-One
 
 
-def settings_for(model):
-    """(settings, why) for a target: the toy preset for a toy target; otherwise the paper's Llama-3-8B row
-    scaled by depth and width: layer 15/32 of the depth, k = hidden/32, N = depth/4 blocks (at most 8)."""
-    if getattr(model.config, "toy_world", None):
+def settings_for(config):
+    """(settings, why) for a target's config: the toy preset for a toy target; otherwise the paper's Llama-3-8B
+    row scaled by depth and width: layer 15/32 of the depth, k = hidden/32, N = depth/4 blocks (at most 8)."""
+    if getattr(config, "toy_world", None):
         return dict(TOY), "the toy target's preset"
-    n, d = len(decoder_layers(model)), model.config.hidden_size
+    n, d = config.num_hidden_layers, config.hidden_size
     settings = dict(PAPER, layer=round(n * 15 / 32), feature_dim=max(8, d // 32), num_blocks=max(1, min(8, n // 4)))
     why = "the paper's Llama-3-8B row" if settings == PAPER else f"the paper's row scaled to {n} layers x {d} wide"
     return settings, why
+
+
+# The command line's flags are configuration too, and live here so that `python hyperdas.py --help` and a
+# bad flag are answered at once, before torch is imported (that takes seconds).
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (its usage message runs to a dozen)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def at_least(minimum, kind=int):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value >= minimum:
+            raise argparse.ArgumentTypeError(f"{text} must be at least {minimum}")
+        return value
+    return parse
+
+
+def positive(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+    return value
+
+
+def interval(text):
+    """'500' (steps) or '90s', '10m', '1h' (wall time) -> {'steps': 500} or {'seconds': 600.0}."""
+    unit = {"s": 1, "m": 60, "h": 3600}.get(str(text)[-1:])
+    number = at_least(1, float)(str(text)[:-1]) if unit else at_least(1)(text)
+    return {"seconds": number * unit} if unit else {"steps": number}
+
+
+def build_parser():
+    p = OneLineParser(description="Train and evaluate HyperDAS (or the DAS baseline) on a RAVEL domain; "
+                      "print the cause / isolate / disentangle table and save the checkpoint.")
+    p.add_argument("--domain", default="verb", choices=ravel_data.DOMAINS + ("all",),
+                   help="RAVEL domain: city, nobel_prize_winner, occupation, physical_object, verb, or all (default: verb)")
+    p.add_argument("--model", help="Hugging Face id or local path of the target LM (default: the offline toy "
+                   "target trained on the domain's RAVEL facts, built on first use and cached)")
+    p.add_argument("--method", choices=("hyperdas", "das"),
+                   help="hyperdas (default), or das: one static subspace per attribute at the last entity token")
+    p.add_argument("--layer", type=at_least(0), help="intervene on hidden_states[layer] (default: from the model's settings)")
+    p.add_argument("--feature_dim", type=at_least(1), help="subspace dimension k (default: from the model's settings)")
+    p.add_argument("--num_blocks", type=at_least(1), help="hypernetwork decoder blocks (default: from the model's settings)")
+    p.add_argument("--epochs", type=at_least(1), help="training epochs (default: from the model's settings)")
+    p.add_argument("--batch_size", type=at_least(1), help="batch size (default: from the model's settings)")
+    p.add_argument("--lr", type=positive, help="hypernetwork learning rate (default: from the model's settings)")
+    p.add_argument("--n_train", type=at_least(1), help="RAVEL pairs generated for training, before the model "
+                   f"filter (default: {SIZES['train']}, per domain for all)")
+    p.add_argument("--n_test", type=at_least(1), help="RAVEL pairs generated for testing, before the model filter "
+                   f"(default: {SIZES['test']}, per domain for all)")
+    p.add_argument("--save_every", type=interval, default=interval("5m"),
+                   help="checkpoint interval: steps (500) or wall time (90s, 10m, 1h); also at the end and on "
+                   "Ctrl-C or SIGTERM (default: 5m)")
+    p.add_argument("--evaluate", action="store_true", help="only evaluate the checkpoint given by --model_path")
+    p.add_argument("--model_path", help="checkpoint directory to evaluate (with --evaluate)")
+    p.add_argument("--out", help="output directory for the checkpoint and results.json "
+                   "(default: runs/<method>-<domain>-<model>)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, help="seed for data, initialisation and order (default: 0)")
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()      # --help, or one line for a bad flag, before the imports below
+
+import torch  # noqa: E402  (after the command line's first look at its flags, see above)
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -337,7 +414,7 @@ def ravel_examples(domain, split, model, tokenizer, n=None, seed=0, data=None):
     """Generate `n` RAVEL pairs of a domain (default: SIZES, per domain for "all") and keep those whose
     label the unintervened target reproduces (filter_examples). A toy target draws pairs only from the
     entities and attributes it was taught. data: RAVEL's data.tgz or data/ folder (default $RAVEL_DATA)."""
-    n = n or SIZES[split] * (len(ravel_data.DOMAINS) if domain == "all" else 1)
+    n = SIZES[split] * (len(ravel_data.DOMAINS) if domain == "all" else 1) if n is None else n
     world = getattr(model.config, "toy_world", None) or {}
     taught = None if domain == "all" else world.get("attributes")   # the all world knows each domain's defaults
     if isinstance(taught, dict):        # the all world asked for one domain: {domain: attributes}
@@ -781,13 +858,14 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
-def write_checkpoint(path, files):
+def write_checkpoint(path, files, mine=None):
     """Write {name: writer(path)} as the directory `path`, replacing the one there as a whole: the files
     go to path.new, then two renames swap it in; a crash between them leaves path.old, which
-    checkpoint_path() takes back. A reader never sees a mixed or half-written checkpoint."""
+    checkpoint_path() takes back. A reader never sees a mixed or half-written checkpoint. A non-empty
+    folder is replaced only if `mine(path)` (default is_checkpoint) says this project wrote it."""
     path = Path(path)
     new, old = path.with_name(path.name + ".new"), path.with_name(path.name + ".old")
-    if path.is_dir() and any(path.iterdir()) and not is_checkpoint(path):
+    if path.is_dir() and any(path.iterdir()) and not (mine or is_checkpoint)(path):
         raise ValueError(f"{path} exists and is not a HyperDAS checkpoint; choose a new or empty directory.")
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir(parents=True)
@@ -880,35 +958,64 @@ def load_weights(hd, path):
 # The training loop (§3): AdamW on the prediction and sparsity losses, with checkpoints and resume.
 
 
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Inside the block, Ctrl-C (SIGINT) and SIGTERM only set a flag (the list yielded), so that a loop can
+    finish its step, save and stop cleanly instead of dying half-way through an optimizer step. A no-op
+    outside the main thread, where signal handlers cannot be set."""
+    caught = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def train_loop(hd, examples, epochs, batch_size, eval_data=None, eval_every=0, out_dir=None, save_every=0,
                progress=True):
     """Train hd.net for `epochs` over `examples` (a fresh order each epoch, seeded). With out_dir, save every
-    `save_every` steps and at the end; a saved run is resumed if it is this one, and refused otherwise."""
+    `save_every` (steps, "10m" of wall time, or interval()'s dict), at the end, and on Ctrl-C or SIGTERM,
+    which then stop the run after its current step; a saved run is resumed if it is this one, else refused."""
     steps_per_epoch = math.ceil(len(examples) / batch_size)
     total = epochs * steps_per_epoch
     run = json.loads(json.dumps(dict(method=hd.method, config=asdict(hd.cfg), attributes=hd.attributes,
                                      epochs=epochs, batch_size=batch_size, examples=len(examples),
                                      data=fingerprint(examples))))
+    every = interval(save_every) if save_every and not isinstance(save_every, dict) else (save_every or {})
     opt = hd.make_optimizer()
     hd.step, hd.history = 0, []          # a new run, also for a loaded HyperDAS, unless this one resumes
     if out_dir and (checkpoint_path(out_dir) / "training.json").exists():
         resume(hd, out_dir, opt, run)
+        print(f"resuming {out_dir} at step {hd.step} of {total}", file=sys.stderr)
     hd.net.train()
+    last_save = time.time()
     bar = tqdm(range(hd.step, total), initial=hd.step, total=total, disable=not progress, desc="train")
-    for step in bar:
-        epoch, i = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(hd.cfg.seed + epoch))
-        record = train_step(hd, [examples[j] for j in order[i * batch_size:(i + 1) * batch_size]], opt,
-                            sparsity_weight(step, total, hd.cfg))
-        hd.step = step + 1
-        record = dict(step=hd.step, **record)
-        if eval_data is not None and eval_every and hd.step % eval_every == 0:   # never at step 0
-            record["eval"] = hd.evaluate(eval_data, progress=False)
-            hd.net.train()
-        hd.history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}")
-        if out_dir and ((save_every and hd.step % save_every == 0) or hd.step == total):
-            save_checkpoint(hd, out_dir, opt, run)
+    with deferred_interrupts() if out_dir else contextlib.nullcontext([]) as stop:
+        for step in bar:
+            epoch, i = divmod(step, steps_per_epoch)
+            order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(hd.cfg.seed + epoch))
+            record = train_step(hd, [examples[j] for j in order[i * batch_size:(i + 1) * batch_size]], opt,
+                                sparsity_weight(step, total, hd.cfg))
+            hd.step = step + 1
+            record = dict(step=hd.step, **record)
+            if eval_data is not None and eval_every and hd.step % eval_every == 0:   # never at step 0
+                record["eval"] = hd.evaluate(eval_data, progress=False)
+                hd.net.train()
+            hd.history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            due = hd.step % every.get("steps", 0) == 0 if "steps" in every else \
+                time.time() - last_save >= every.get("seconds", math.inf)
+            if out_dir and (due or hd.step == total or stop):
+                save_checkpoint(hd, out_dir, opt, run)
+                last_save = time.time()
+            if stop:
+                bar.close()
+                raise KeyboardInterrupt(f"stopped at step {hd.step} of {total} and saved {out_dir}; "
+                                        "run the same command again to resume")
     hd.net.eval()
     return hd.history
 
@@ -1213,34 +1320,6 @@ class DAS(HyperDAS):
 # Command line: python hyperdas.py --domain verb
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description="Train and evaluate HyperDAS (or the DAS baseline) on a RAVEL domain; "
-                                "print the cause / isolate / disentangle table and save the checkpoint.")
-    p.add_argument("--domain", default="verb", help="RAVEL domain: city, nobel_prize_winner, occupation, "
-                   "physical_object, verb, or all (default: verb)")
-    p.add_argument("--model", help="Hugging Face id or local path of the target LM (default: the offline toy "
-                   "target trained on the domain's RAVEL facts, built on first use and cached)")
-    p.add_argument("--method", choices=("hyperdas", "das"), default="hyperdas",
-                   help="hyperdas, or das: one static subspace per attribute at the last entity token")
-    p.add_argument("--layer", type=int, help="intervene on hidden_states[layer] (default: from the model's settings)")
-    p.add_argument("--feature_dim", type=int, help="subspace dimension k (default: from the model's settings)")
-    p.add_argument("--num_blocks", type=int, help="hypernetwork decoder blocks (default: from the model's settings)")
-    p.add_argument("--epochs", type=int, help="training epochs (default: from the model's settings)")
-    p.add_argument("--batch_size", type=int, help="batch size (default: from the model's settings)")
-    p.add_argument("--lr", type=float, help="hypernetwork learning rate (default: from the model's settings)")
-    p.add_argument("--n_train", type=int, help="RAVEL pairs generated for training, before the model filter "
-                   f"(default: {SIZES['train']}, per domain for all)")
-    p.add_argument("--n_test", type=int, help="RAVEL pairs generated for testing, before the model filter "
-                   f"(default: {SIZES['test']}, per domain for all)")
-    p.add_argument("--evaluate", action="store_true", help="only evaluate the checkpoint given by --model_path")
-    p.add_argument("--model_path", help="checkpoint directory to evaluate (with --evaluate)")
-    p.add_argument("--out", help="output directory for the checkpoint and results.json "
-                   "(default: runs/<method>-<domain>-<model>)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and order (default: 0)")
-    return p
-
-
 def print_table(results):
     print(f"\n{results['method']} on {results['domain']} ({results['model']})")
     print(f"{'mode':<12} {'attribute':<20} {'cause':>6} {'isolate':>8} {'disentangle':>12}")
@@ -1256,49 +1335,135 @@ def main(argv=None):
         return run(args)
     except (ValueError, FileNotFoundError) as err:   # bad input: one line, no traceback
         raise SystemExit(f"error: {err}") from None
+    except KeyboardInterrupt as err:                 # a loop that saved says how to resume
+        print(f"interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def writable(folder, what):
+    """Make sure `folder` can be created and written before any work that would end by writing there."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"cannot write {what} at {folder} ({err.strerror or err}); choose another folder.") from None
+    return folder
+
+
+def target_config(args):
+    """The target's configuration, read without loading weights: the toy target's from toy_world.MODEL."""
+    if args.model is None:
+        # The one place the method imports the toy world: the command line's offline default target.
+        import toy_world
+        return argparse.Namespace(toy_world=True, num_hidden_layers=toy_world.MODEL["num_hidden_layers"],
+                                  hidden_size=toy_world.MODEL["hidden_size"])
+    from transformers import AutoConfig
+    path = Path(args.model).expanduser()
+    if args.model.startswith(("/", ".", "~")) and not path.exists():
+        raise ValueError(f"--model {args.model}: no such folder; give a local model folder or a Hugging Face id.")
+    try:
+        return AutoConfig.from_pretrained(args.model)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0]
+        raise ValueError(f"--model {args.model}: cannot load its configuration ({reason}). Give a local model "
+                         "folder, or a Hugging Face id that exists (and is cached when offline).") from None
+
+
+def preflight(args):
+    """Every check that needs no model weights and no pairs, so bad input is refused in one line before any
+    expensive work: the flags against each other, the target's configuration and the checkpoint's, the
+    RAVEL data (fetched if missing) and the output folder. Returns the settings to run with."""
+    if args.evaluate and not args.model_path:
+        raise ValueError("--evaluate needs --model_path CHECKPOINT_DIR (a directory written by a training run).")
+    if args.model_path and not args.evaluate:
+        raise ValueError("--model_path is read only with --evaluate; add --evaluate, or drop --model_path to train.")
+    config = target_config(args)
+    settings, why = settings_for(config)
+    flags = {k: getattr(args, k) for k in ("layer", "feature_dim", "num_blocks", "epochs", "batch_size", "lr", "seed")
+             if getattr(args, k) is not None}
+    if args.evaluate:
+        path = checkpoint_path(args.model_path)
+        if not is_checkpoint(path):
+            raise ValueError(f"--model_path {args.model_path} is not a HyperDAS checkpoint (no config.json of ours).")
+        info = read_json(path / "config.json")
+        with contextlib.suppress(FileNotFoundError):   # a damaged weights file: one line now, not after loading
+            from safetensors import safe_open
+            try:
+                with safe_open(str(path / "weights.safetensors"), "pt"):
+                    pass
+            except SafetensorError as err:
+                raise ValueError(f"{path / 'weights.safetensors'} is damaged ({err}); train again.") from None
+        saved = dict(info["config"], method=info["method"])
+        for key, value in dict(flags, method=args.method).items():
+            if key in saved and value is not None and value != saved[key]:
+                raise ValueError(f"--{key} {value} contradicts the checkpoint's {key} {saved[key]}; drop the flag.")
+        if info.get("domains") and args.domain != "all" and args.domain not in info["domains"]:
+            raise ValueError(f"the checkpoint was trained on {', '.join(info['domains'])}, not {args.domain}: "
+                             f"pass --domain {info['domains'][0]}.")
+        settings = {k: saved[k] for k in ("layer", "feature_dim", "num_blocks", "lr")}
+        why = f"the checkpoint's, {args.model_path}"
+    settings.update({k: v for k, v in flags.items() if k != "seed"})
+    n, d = config.num_hidden_layers, config.hidden_size
+    if not settings["layer"] < n:
+        raise ValueError(f"--layer {settings['layer']} is out of range: this model has {n} decoder layers, so "
+                         f"hidden_states[layer] can be patched for 0 <= layer <= {n - 1}.")
+    if settings["feature_dim"] > d:
+        raise ValueError(f"--feature_dim {settings['feature_dim']} exceeds the hidden size {d}.")
+    method = args.method or (saved["method"] if args.evaluate else "hyperdas")
+    if method == "hyperdas" and settings["num_blocks"] > n:
+        raise ValueError(f"--num_blocks {settings['num_blocks']} exceeds the target's {n} layers to copy from.")
+    try:
+        ravel_data.data_dir()
+    except FileNotFoundError:
+        print(f"RAVEL data not found; fetching it ({ravel_data.URL}) ...", file=sys.stderr)
+        try:
+            ravel_data.download()
+        except RuntimeError as err:
+            raise ValueError(str(err)) from None
+    model_name = args.model or f"toy-{args.domain}"
+    out = writable(args.out or f"runs/{method}-{args.domain}-{Path(model_name).name}", "the output")
+    return dict(settings=settings, why=why, method=method, model_name=model_name, out=out)
 
 
 def run(args):
     start = time.time()
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    if args.evaluate and not args.model_path:
-        raise ValueError("--evaluate needs --model_path CHECKPOINT_DIR (a directory written by a training run).")
+    plan = preflight(args)
+    seed = 0 if args.seed is None else args.seed
+    random.seed(seed)
+    torch.manual_seed(seed)
     if args.model is None:
-        # The one place the method imports the toy world: the command line's offline default target.
         from toy_world import toy_target
         model, tokenizer = toy_target(args.domain, device=args.device)   # one target for every --seed
     else:
-        model, tokenizer = load_target(args.model, args.device)
-    model_name = args.model or f"toy-{args.domain}"
-    settings, why = settings_for(model)
-    settings.update({k: getattr(args, k) for k in ("layer", "feature_dim", "num_blocks", "epochs", "batch_size", "lr")
-                     if getattr(args, k) is not None})
-    if not args.evaluate:
-        print(f"settings ({why}; flags override): " + ", ".join(f"{k} {v}" for k, v in settings.items()),
-              file=sys.stderr)
-    epochs, batch_size = settings.pop("epochs"), settings.pop("batch_size")
-    test = ravel_examples(args.domain, "test", model, tokenizer, args.n_test, args.seed)
-    out = Path(args.out or f"runs/{args.method}-{args.domain}-{Path(model_name).name}")
+        try:
+            model, tokenizer = load_target(args.model, args.device)
+        except OSError as err:
+            raise ValueError(f"--model {args.model}: cannot load it ({str(err).strip().splitlines()[0]}).") from None
+    settings, out = plan["settings"], plan["out"]
+    print(f"settings ({plan['why']}; flags override): " + ", ".join(f"{k} {v}" for k, v in settings.items()),
+          file=sys.stderr)
+    test = ravel_examples(args.domain, "test", model, tokenizer, args.n_test, seed)
     if args.evaluate:
         hd = HyperDAS.load(args.model_path, model, tokenizer)
     else:
-        train = ravel_examples(args.domain, "train", model, tokenizer, args.n_train, args.seed)
-        if args.method == "das":
+        epochs, batch_size = settings.pop("epochs"), settings.pop("batch_size")
+        train = ravel_examples(args.domain, "train", model, tokenizer, args.n_train, seed)
+        if plan["method"] == "das":
             settings.pop("num_blocks")
-            hd = DAS(model, tokenizer, attributes=sorted({ravel_data.concept(e) for e in train}), seed=args.seed,
-                     **settings)
+            hd = DAS(model, tokenizer, attributes=sorted({ravel_data.concept(e) for e in train}), seed=seed, **settings)
         else:
-            hd = HyperDAS(model, tokenizer, seed=args.seed, **settings)
-        hd.train(train, epochs=epochs, batch_size=batch_size, out_dir=out / "checkpoint", save_every=500)
+            hd = HyperDAS(model, tokenizer, seed=seed, **settings)
+        hd.train(train, epochs=epochs, batch_size=batch_size, out_dir=out / "checkpoint", save_every=args.save_every)
     modes = MODES if hd.method == "hyperdas" else ("soft",)   # DAS positions are one-hot already
-    results = {"method": hd.method, "domain": args.domain, "model": model_name,
+    results = {"method": hd.method, "domain": args.domain, "model": plan["model_name"],
                "mode": {m: hd.evaluate(test, mode=m) for m in modes}}
     results["averages"] = ("cause, isolate, disentangle: macro over attributes, then domains (the paper's number); "
                            "pooled: over examples")
     results["seconds"] = round(time.time() - start, 1)
     print_table(results)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "results.json", lambda p: p.write_text(json.dumps(results, indent=2)))
     saved = "" if args.evaluate else f" and the checkpoint in {out / 'checkpoint'}"
     print(f"\nsaved {out / 'results.json'}{saved} ({results['seconds']} s)")

@@ -883,15 +883,14 @@ def test_checkpoint_directory_switches_as_a_whole(model, tok, tmp_path, monkeypa
 
 def test_settings_follow_depth_and_width_with_the_papers_row_for_llama3_8b():
     from types import SimpleNamespace
-    fake = lambda n, d, **extra: SimpleNamespace(config=SimpleNamespace(hidden_size=d, **extra),
-                                                 model=SimpleNamespace(layers=torch.nn.ModuleList(torch.nn.Identity() for _ in range(n))))
-    settings, why = H.settings_for(fake(32, 4096))
+    config = lambda n, d, **extra: SimpleNamespace(num_hidden_layers=n, hidden_size=d, **extra)
+    settings, why = H.settings_for(config(32, 4096))
     assert settings == H.PAPER and "paper" in why
-    settings, _ = H.settings_for(fake(16, 2048))                      # Llama-3.2-1B: not the 8B row
+    settings, _ = H.settings_for(config(16, 2048))                    # Llama-3.2-1B: not the 8B row
     assert (settings["layer"], settings["feature_dim"], settings["num_blocks"]) == (8, 64, 4)
-    settings, _ = H.settings_for(fake(22, 2048))                      # TinyLlama
+    settings, _ = H.settings_for(config(22, 2048))                    # TinyLlama
     assert (settings["layer"], settings["feature_dim"], settings["num_blocks"]) == (10, 64, 5)
-    assert H.settings_for(fake(4, 128, toy_world={"domain": "verb"}))[0] == H.TOY
+    assert H.settings_for(config(4, 128, toy_world={"domain": "verb"}))[0] == H.TOY
 
 
 def test_intervene_uses_the_current_cache_argument_and_refuses_bad_prompts(model, tok):

@@ -25,12 +25,12 @@ TEMPLATE_COUNTS = {
 
 
 def _ravel_source():
-    if os.environ.get("RAVEL_DATA"):
+    if os.environ.get("RAVEL_DATA"):          # conftest.py sets it to ../shared/ravel/data.tgz when that exists
         return os.environ["RAVEL_DATA"]
-    local = Path(__file__).resolve().parent.parent / "shared" / "ravel" / "data.tgz"
-    if local.is_file():
-        return str(local)
-    pytest.skip("RAVEL data not available: set RAVEL_DATA to RAVEL's data.tgz")
+    try:
+        return str(R.data_dir())               # the cache that `python ravel_data.py download` fills
+    except FileNotFoundError:
+        pytest.skip("RAVEL data not available: run `python ravel_data.py download` or set RAVEL_DATA")
 
 
 @pytest.fixture(scope="module")

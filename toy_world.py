@@ -34,6 +34,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,9 +44,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
 import ravel_data
-from hyperdas import (answer_correct, answer_labels, answer_separator, answer_window, last_visible, patch_layer,
-                      target_inputs, tokenize)
+from hyperdas import (answer_correct, answer_labels, answer_separator, answer_window, checkpoint_path,
+                      deferred_interrupts, last_visible, patch_layer, target_inputs, tokenize, writable,
+                      write_checkpoint)
 
 # Bump when anything below changes what a given set of arguments trains; it is part of the cache key.
 RECIPE_VERSION = 2    # 2: answers are exactly their own tokens (hyperdas.answer_ids)
@@ -60,6 +65,7 @@ SPECIAL_TOKENS = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 # in separate forwards so the short fact prompts are not padded to the length of Wikipedia sentences.
 FACT_BATCH, TEXT_BATCH, SWAP_BATCH = 64, 8, 32
 LR, WARMUP, WEIGHT_DECAY = 3e-3, 100, 0.01
+SAVE_SECONDS = 60    # a build saves its progress this often and on Ctrl-C / SIGTERM, and resumes from it
 # Training steps per domain, and the share of seen (entity, template) pairs each default target then gets
 # fully right: verb 99.6%, city 99.4%, occupation 98.0%, physical_object 87.4%, nobel 67.3% (years are hard
 # for this size), all 99.3%. Build times are in the README.
@@ -271,37 +277,78 @@ def learning_rate(step, steps):
     return LR * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model, tokenizer, world, steps, seed, progress=True):
+def train(model, tokenizer, world, steps, seed, progress=True, partial=None):
+    """Train the toy target. With `partial` (a folder), progress is saved there every SAVE_SECONDS and on
+    Ctrl-C or SIGTERM (which then stop the build after its step), and a build that finds it resumes where it
+    stopped, to the same weights as one that was never interrupted. Returns the seconds spent over all runs."""
     rng = random.Random(f"train/{seed}")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=WEIGHT_DECAY), dict(params=no_decay, weight_decay=0.0)],
                             lr=LR, betas=(0.9, 0.95))
+    start, spent = 0, 0.0
+    if partial is not None and (checkpoint_path(partial) / "state.json").exists():
+        start, spent = resume_build(checkpoint_path(partial), model, opt, rng)
+        print(f"resuming the toy {world.domain} build at step {start} of {steps} ({partial})", file=sys.stderr)
+    began = last_save = time.time()
     model.train()
-    bar = tqdm(range(steps), desc=f"toy {world.domain}", disable=not progress)
-    for step in bar:
-        facts = [world.fact(rng) for _ in range(FACT_BATCH)]
-        texts = [world.text(rng) for _ in range(TEXT_BATCH)]
-        pairs = [world.swap(rng) for _ in range(SWAP_BATCH)]
-        facts_enc = tokenize(tokenizer, *zip(*facts))
-        loss_facts = answer_loss(answer_logits(model, facts_enc), facts_enc["labels"])
-        loss_text = text_loss(model, tokenize(tokenizer, texts))
-        # Interchange intervention training (Geiger et al., ICML 2022) at a random intermediate layer: the
-        # answer must follow the patched entity state, so facts are read from the entity (module docstring).
-        layer = rng.randrange(1, model.config.num_hidden_layers)
-        loss_swap = answer_loss(*patch_entity(model, tokenizer, pairs, layer))
-        loss = loss_facts + 0.5 * loss_text + loss_swap
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(step, steps)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 10 == 0:
-            bar.set_postfix(facts=f"{loss_facts.item():.3f}", text=f"{loss_text.item():.2f}",
-                            swap=f"{loss_swap.item():.3f}")
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"toy {world.domain}", disable=not progress)
+    with deferred_interrupts() if partial is not None else contextlib.nullcontext([]) as stop:
+        for step in bar:
+            facts = [world.fact(rng) for _ in range(FACT_BATCH)]
+            texts = [world.text(rng) for _ in range(TEXT_BATCH)]
+            pairs = [world.swap(rng) for _ in range(SWAP_BATCH)]
+            facts_enc = tokenize(tokenizer, *zip(*facts))
+            loss_facts = answer_loss(answer_logits(model, facts_enc), facts_enc["labels"])
+            loss_text = text_loss(model, tokenize(tokenizer, texts))
+            # Interchange intervention training (Geiger et al., ICML 2022) at a random intermediate layer: the
+            # answer must follow the patched entity state, so facts are read from the entity (module docstring).
+            layer = rng.randrange(1, model.config.num_hidden_layers)
+            loss_swap = answer_loss(*patch_entity(model, tokenizer, pairs, layer))
+            loss = loss_facts + 0.5 * loss_text + loss_swap
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(step, steps)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step % 10 == 0:
+                bar.set_postfix(facts=f"{loss_facts.item():.3f}", text=f"{loss_text.item():.2f}",
+                                swap=f"{loss_swap.item():.3f}")
+            if partial is not None and step + 1 < steps and (stop or time.time() - last_save >= SAVE_SECONDS):
+                save_build(partial, model, opt, rng, step + 1, spent + time.time() - began)
+                last_save = time.time()
+            if stop:
+                bar.close()
+                raise KeyboardInterrupt(f"the toy build stopped at step {step + 1} of {steps} and saved its progress "
+                                        f"in {partial}; run the same command again to resume")
     model.eval()
-    return model
+    return spent + time.time() - began
+
+
+def save_build(folder, model, opt, rng, step, spent):
+    """A toy build's progress: weights, optimizer moments, the data stream's random state, the step."""
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    moments = {f"{i}.{k}": torch.as_tensor(v).contiguous() for i, st in opt.state_dict()["state"].items()
+               for k, v in st.items()}
+    state = dict(step=step, spent=spent, rng=rng.getstate())
+    write_checkpoint(folder, {"model.safetensors": lambda p: save_file(weights, str(p)),
+                              "optimizer.safetensors": lambda p: save_file(moments, str(p)),
+                              "state.json": lambda p: p.write_text(json.dumps(state))},
+                     mine=lambda p: (p / "state.json").exists())
+
+
+def resume_build(folder, model, opt, rng):
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    moments = {}
+    for key, value in load_file(str(folder / "optimizer.safetensors")).items():
+        i, name = key.split(".", 1)
+        moments.setdefault(int(i), {})[name] = value
+    opt.load_state_dict({"state": moments, "param_groups": opt.state_dict()["param_groups"]})
+    state = json.loads((folder / "state.json").read_text())
+    version, internal, gauss = state["rng"]
+    rng.setstate((version, tuple(internal), gauss))
+    return state["step"], state["spent"]
 
 
 @torch.no_grad()
@@ -419,13 +466,20 @@ def toy_target(domain, attributes=None, n_entities=None, steps=None, seed=0, cac
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_root(cache_dir) / f"{domain}-{digest}"
     if (folder / "config.json").exists():
-        with quiet_transformers(not progress):
-            model = LlamaForCausalLM.from_pretrained(folder).eval()
-        if progress:
-            print(f"{describe(model.config.toy_world)}\n  (cached in {folder})")
-        return model.to(device or "cpu"), PreTrainedTokenizerFast.from_pretrained(folder)
+        try:
+            with quiet_transformers(not progress):
+                model = LlamaForCausalLM.from_pretrained(folder).eval()
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+            print(f"the cached toy target in {folder} is damaged ({str(err).strip().splitlines()[0]}); "
+                  "rebuilding it", file=sys.stderr)
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            if progress:
+                print(f"{describe(model.config.toy_world)}\n  (cached in {folder})")
+            return model.to(device or "cpu"), tokenizer
 
-    start = time.time()
+    writable(folder.parent, "the toy-model cache (set HYPERDAS_CACHE to move it)")
     if domain == "all":
         world = Mixture([World(d, attributes[d.name], n_entities[d.name], seed) for d in doms])
     else:
@@ -434,9 +488,11 @@ def toy_target(domain, attributes=None, n_entities=None, steps=None, seed=0, cac
     rng = random.Random(f"tokenizer/{seed}")
     corpus = [render(*world.fact(rng)) for _ in range(20000)] + [world.text(rng) for _ in range(5000)]
     tokenizer = train_tokenizer(corpus)
-    model = train(new_model(tokenizer, seed), tokenizer, world, steps, seed, progress)
+    model = new_model(tokenizer, seed)
+    partial = folder.with_name(folder.name + ".partial")
+    spent = train(model, tokenizer, world, steps, seed, progress, partial)
     info = dict(key, entities=world.entities, held_out_templates=world.held_out,
-                train_seconds=time.time() - start, accuracy=report(world, model, tokenizer, seed))
+                train_seconds=spent, accuracy=report(world, model, tokenizer, seed))
     model.config.toy_world = info    # saved with the config, so a cached model still knows its world
     if progress:
         print(describe(info))
@@ -455,6 +511,7 @@ def toy_target(domain, attributes=None, n_entities=None, steps=None, seed=0, cac
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(partial, ignore_errors=True)
     return model.to(device or "cpu"), tokenizer
 
 
