@@ -71,7 +71,8 @@ def test_layer_out_of_range_is_refused_before_any_model_or_pair(capsys, no_work,
 
 def test_missing_and_unknown_models_get_one_line(capsys, no_work, tmp_path, monkeypatch):
     assert "no such folder" in refused(capsys, ["--model", "/nonexistent/path", "--out", str(tmp_path / "o")])
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)   # read at import, so set it here
     message = refused(capsys, ["--model", "some-org/not-a-model", "--out", str(tmp_path / "o")])
     assert "--model some-org/not-a-model: cannot load its configuration" in message
 
@@ -161,7 +162,7 @@ def interrupt_at(module, name, call):
 def test_an_interrupted_toy_build_resumes_to_the_same_weights(tmp_path, monkeypatch):
     whole, _ = toy_world.toy_target("verb", cache_dir=tmp_path / "whole", **TINY)
     with monkeypatch.context() as m:
-        m.setattr(toy_world, "learning_rate", interrupt_at(toy_world, "learning_rate", 5))
+        m.setattr(toy_world, "learning_rate", interrupt_at(toy_world, "learning_rate", 9))   # 2 groups a step: step 5
         with pytest.raises(KeyboardInterrupt, match="stopped at step 5 of 12.*run the same command again"):
             toy_world.toy_target("verb", cache_dir=tmp_path / "cut", **TINY)
     assert [p.name.endswith(".partial") for p in (tmp_path / "cut").iterdir()] == [True]
@@ -197,8 +198,8 @@ def test_sigterm_stops_the_command_line_which_then_resumes(toy_cache, tmp_path):
     except FileNotFoundError as err:
         pytest.skip(f"RAVEL data not available: {err}")
     folder = next(p for p in toy_cache.iterdir() if p.name.startswith("verb-") and not p.name.endswith(".partial"))
-    args = lambda out: [sys.executable, str(HERE / "hyperdas.py"), "--model", str(folder), "--n_train", "300",
-                        "--n_test", "40", "--epochs", "6", "--save_every", "1", "--out", str(out)]
+    args = lambda out: [sys.executable, str(HERE / "hyperdas.py"), "--model", str(folder), "--n_train", "200",
+                        "--n_test", "40", "--epochs", "4", "--save_every", "1", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(args(tmp_path / "whole"), env=env, check=True, capture_output=True)
     process = subprocess.Popen(args(tmp_path / "cut"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
