@@ -1250,7 +1250,7 @@ class HyperDAS:
                 if token.item() == tok.eos_token_id:
                     break
                 new.append(token.item())
-                cache = out.get("cache", out.get("past_key_values"))
+                cache = out["cache"] if "cache" in out else out["past_key_values"]
                 out = self.model(input_ids=token, use_cache=True, **{cache_arg: cache},
                                  position_ids=torch.tensor([[position]], device=self.device))
                 position += 1

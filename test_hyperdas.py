@@ -893,12 +893,17 @@ def test_settings_follow_depth_and_width_with_the_papers_row_for_llama3_8b():
     assert H.settings_for(config(4, 128, toy_world={"domain": "verb"}))[0] == H.TOY
 
 
-def test_intervene_uses_the_current_cache_argument_and_refuses_bad_prompts(model, tok):
+def test_intervene_uses_the_current_cache_argument_and_refuses_bad_prompts(model, tok, monkeypatch):
     import warnings
+    import transformers.utils.generic as generic
+    said = []                 # transformers says "past_key_values ... deprecated" through its logger, once
+    if hasattr(generic, "logger"):
+        monkeypatch.setattr(generic.logger, "warning_once", lambda message, *a, **k: said.append(message))
     hd = new_hd(model, tok)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         hd.intervene("the city of Vienna is in", "I love Paris", "Country", "Vienna", "Paris", max_new_tokens=3)
+    assert not [m for m in said if "deprecated" in m], said
     with pytest.raises(ValueError, match="does not occur"):
         hd.intervene("the city of Vienna is in", "I love Paris", "Country", "Rome", "Paris")
     with pytest.raises(ValueError, match="empty"):
