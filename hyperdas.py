@@ -914,7 +914,7 @@ def save_checkpoint(hd, path, optimizer=None, run=None):
     the history and what defines the run."""
     state = {k: v.detach().contiguous().cpu() for k, v in hd.net.state_dict().items()}
     info = {"method": hd.method, "config": asdict(hd.cfg), "attributes": hd.attributes, "domains": hd.domains,
-            "step": hd.step}
+            "target": getattr(hd.model, "name_or_path", ""), "step": hd.step}
     files = {"weights.safetensors": lambda p: save_file(state, str(p)),
              "config.json": lambda p: p.write_text(json.dumps(info, indent=2))}
     if optimizer is not None:
@@ -960,19 +960,25 @@ def load_weights(hd, path):
 
 @contextlib.contextmanager
 def deferred_interrupts():
-    """Inside the block, Ctrl-C (SIGINT) and SIGTERM only set a flag (the list yielded), so that a loop can
-    finish its step, save and stop cleanly instead of dying half-way through an optimizer step. A no-op
-    outside the main thread, where signal handlers cannot be set."""
+    """Inside the block, a first Ctrl-C (SIGINT) or SIGTERM only sets a flag (the list yielded), so that a
+    loop can finish its step, save and stop cleanly instead of dying half-way through an optimizer step; a
+    second one stops at once. A no-op outside the main thread, where signal handlers cannot be set."""
     caught = []
     if threading.current_thread() is not threading.main_thread():
         yield caught
         return
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        if caught:
+            raise KeyboardInterrupt("stopped at once by a second signal; the last save stands")
+        caught.append(signum)
+        print("\nstopping after this step (again to stop at once) ...", file=sys.stderr)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield caught
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 def train_loop(hd, examples, epochs, batch_size, eval_data=None, eval_every=0, out_dir=None, save_every=0,
@@ -1353,6 +1359,16 @@ def writable(folder, what):
     return folder
 
 
+def model_source(args):
+    """--model as from_pretrained should get it: an existing local folder expanded (~), else the id as given."""
+    path = Path(args.model).expanduser()
+    if path.exists():
+        return str(path)
+    if args.model.startswith(("/", ".", "~")):
+        raise ValueError(f"--model {args.model}: no such folder; give a local model folder or a Hugging Face id.")
+    return args.model
+
+
 def target_config(args):
     """The target's configuration, read without loading weights: the toy target's from toy_world.MODEL."""
     if args.model is None:
@@ -1361,29 +1377,76 @@ def target_config(args):
         return argparse.Namespace(toy_world=True, num_hidden_layers=toy_world.MODEL["num_hidden_layers"],
                                   hidden_size=toy_world.MODEL["hidden_size"])
     from transformers import AutoConfig
-    path = Path(args.model).expanduser()
-    if args.model.startswith(("/", ".", "~")) and not path.exists():
-        raise ValueError(f"--model {args.model}: no such folder; give a local model folder or a Hugging Face id.")
+    from transformers.utils import logging as hf_logging
+    source = model_source(args)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()            # one line of ours, not the hub's retry warnings
     try:
-        return AutoConfig.from_pretrained(args.model)
+        try:
+            config = AutoConfig.from_pretrained(source, local_files_only=True)   # cached: no network
+        except (OSError, ValueError):
+            config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0]
         raise ValueError(f"--model {args.model}: cannot load its configuration ({reason}). Give a local model "
                          "folder, or a Hugging Face id that exists (and is cached when offline).") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    config = getattr(config, "text_config", None) or config     # multimodal models keep the LM's config inside
+    if not all(hasattr(config, k) for k in ("num_hidden_layers", "hidden_size")):
+        raise ValueError(f"--model {args.model}: its configuration ({type(config).__name__}) gives no "
+                         "num_hidden_layers / hidden_size; HyperDAS needs a decoder-only language model.")
+    return config
+
+
+def target_name(args):
+    """What a checkpoint records as its target: the toy target's cache folder name, or the model given."""
+    if args.model is None:
+        import toy_world
+        return toy_world.target_folder(args.domain).name
+    return model_source(args)
+
+
+def ravel_ready():
+    """RAVEL's data, or one line: found where RAVEL_DATA or the cache says, else fetched (a RAVEL_DATA that
+    names a .tgz file that is not there is a mistake, not a place to download to)."""
+    named = os.environ.get("RAVEL_DATA")
+    if named and named.endswith((".tgz", ".tar.gz")) and not Path(named).expanduser().is_file():
+        raise ValueError(f"RAVEL_DATA={named}: no such file; point it at RAVEL's data.tgz or unset it to fetch RAVEL.")
+    try:
+        try:
+            return ravel_data.data_dir()
+        except FileNotFoundError:
+            print(f"RAVEL data not found; fetching it ({ravel_data.URL}) ...", file=sys.stderr)
+            return ravel_data.download()
+    except (RuntimeError, OSError) as err:
+        raise ValueError(str(err).strip().splitlines()[0]) from None
+
+
+def planned_run(settings, method, seed):
+    """The parts of train_loop's run record known before the pairs: method, configuration, schedule."""
+    keys = {f.name for f in fields(HyperDASConfig)} - ({"num_blocks"} if method == "das" else set())
+    config = asdict(HyperDASConfig(**{k: v for k, v in settings.items() if k in keys}, seed=seed))
+    return json.loads(json.dumps(dict(method=method, config=config, epochs=settings["epochs"],
+                                      batch_size=settings["batch_size"])))
 
 
 def preflight(args):
     """Every check that needs no model weights and no pairs, so bad input is refused in one line before any
-    expensive work: the flags against each other, the target's configuration and the checkpoint's, the
-    RAVEL data (fetched if missing) and the output folder. Returns the settings to run with."""
+    expensive work: the flags against each other, the target's configuration and the checkpoint's, an
+    earlier run in the output folder, the device, the RAVEL data (fetched if missing) and the output folder.
+    Returns what run() needs."""
     if args.evaluate and not args.model_path:
         raise ValueError("--evaluate needs --model_path CHECKPOINT_DIR (a directory written by a training run).")
     if args.model_path and not args.evaluate:
         raise ValueError("--model_path is read only with --evaluate; add --evaluate, or drop --model_path to train.")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here; use --device cpu.")
     config = target_config(args)
     settings, why = settings_for(config)
-    flags = {k: getattr(args, k) for k in ("layer", "feature_dim", "num_blocks", "epochs", "batch_size", "lr", "seed")
+    flags = {k: getattr(args, k) for k in ("layer", "feature_dim", "num_blocks", "epochs", "batch_size", "lr")
              if getattr(args, k) is not None}
+    seed = 0 if args.seed is None else args.seed
     if args.evaluate:
         path = checkpoint_path(args.model_path)
         if not is_checkpoint(path):
@@ -1400,12 +1463,16 @@ def preflight(args):
         for key, value in dict(flags, method=args.method).items():
             if key in saved and value is not None and value != saved[key]:
                 raise ValueError(f"--{key} {value} contradicts the checkpoint's {key} {saved[key]}; drop the flag.")
-        if info.get("domains") and args.domain != "all" and args.domain not in info["domains"]:
-            raise ValueError(f"the checkpoint was trained on {', '.join(info['domains'])}, not {args.domain}: "
-                             f"pass --domain {info['domains'][0]}.")
+        domains = info.get("domains") or []
+        if domains and (set(domains) != set(ravel_data.DOMAINS) if args.domain == "all" else args.domain not in domains):
+            raise ValueError(f"the checkpoint was trained on {', '.join(domains)}, not {args.domain}: "
+                             f"pass --domain {'all' if len(domains) > 1 else domains[0]}.")
+        if info.get("target") and Path(info["target"]).name != Path(target_name(args)).name:
+            raise ValueError(f"the checkpoint was trained on the target {info['target']}, not {target_name(args)}: "
+                             "pass the same --model (or, for a toy target, the same --domain).")
         settings = {k: saved[k] for k in ("layer", "feature_dim", "num_blocks", "lr")}
         why = f"the checkpoint's, {args.model_path}"
-    settings.update({k: v for k, v in flags.items() if k != "seed"})
+    settings.update(flags)
     n, d = config.num_hidden_layers, config.hidden_size
     if not settings["layer"] < n:
         raise ValueError(f"--layer {settings['layer']} is out of range: this model has {n} decoder layers, so "
@@ -1415,23 +1482,25 @@ def preflight(args):
     method = args.method or (saved["method"] if args.evaluate else "hyperdas")
     if method == "hyperdas" and settings["num_blocks"] > n:
         raise ValueError(f"--num_blocks {settings['num_blocks']} exceeds the target's {n} layers to copy from.")
-    try:
-        ravel_data.data_dir()
-    except FileNotFoundError:
-        print(f"RAVEL data not found; fetching it ({ravel_data.URL}) ...", file=sys.stderr)
-        try:
-            ravel_data.download()
-        except RuntimeError as err:
-            raise ValueError(str(err)) from None
     model_name = args.model or f"toy-{args.domain}"
-    out = writable(args.out or f"runs/{method}-{args.domain}-{Path(model_name).name}", "the output")
-    return dict(settings=settings, why=why, method=method, model_name=model_name, out=out)
+    out = Path(args.out or f"runs/{method}-{args.domain}-{Path(model_name).name}")
+    earlier = checkpoint_path(out / "checkpoint") / "training.json"
+    if not args.evaluate and earlier.exists():      # a rerun must be the same run (its data is checked later)
+        saved_run = read_json(earlier).get("run") or {}
+        planned = planned_run(settings, method, seed)
+        diff = differences({k: saved_run.get(k) for k in planned}, planned)
+        if diff:
+            raise ValueError(f"{out / 'checkpoint'} holds a different run ({'; '.join(diff)}): repeat its flags to "
+                             f"resume it, or start fresh with another --out (or delete {out / 'checkpoint'}).")
+    ravel_ready()
+    writable(out, "the output")
+    return dict(settings=settings, why=why, method=method, model_name=model_name, out=out, seed=seed)
 
 
 def run(args):
     start = time.time()
     plan = preflight(args)
-    seed = 0 if args.seed is None else args.seed
+    seed = plan["seed"]
     random.seed(seed)
     torch.manual_seed(seed)
     if args.model is None:
@@ -1439,7 +1508,7 @@ def run(args):
         model, tokenizer = toy_target(args.domain, device=args.device)   # one target for every --seed
     else:
         try:
-            model, tokenizer = load_target(args.model, args.device)
+            model, tokenizer = load_target(model_source(args), args.device)
         except OSError as err:
             raise ValueError(f"--model {args.model}: cannot load it ({str(err).strip().splitlines()[0]}).") from None
     settings, out = plan["settings"], plan["out"]

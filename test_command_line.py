@@ -220,3 +220,81 @@ def test_sigterm_stops_the_command_line_which_then_resumes(toy_cache, tmp_path):
     b = H.read_tensors(tmp_path / "cut" / "checkpoint" / "weights.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# More of the bad day (found in review)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused_first(capsys, no_work, tmp_path):
+    assert "no CUDA device" in refused(capsys, ["--device", "cuda", "--out", str(tmp_path / "o")])
+
+
+def test_a_wrong_ravel_data_is_one_line_and_never_a_download_target(capsys, no_work, tmp_path, monkeypatch):
+    import ravel_data
+    monkeypatch.setattr(ravel_data, "download", lambda dest=None: pytest.fail("tried to download"))
+    monkeypatch.setenv("RAVEL_DATA", str(tmp_path / "typo" / "data.tgz"))
+    assert "no such file" in refused(capsys, ["--out", str(tmp_path / "o")])
+    (tmp_path / "junk.tgz").write_bytes(b"not RAVEL")
+    monkeypatch.setenv("RAVEL_DATA", str(tmp_path / "junk.tgz"))
+    assert "is not RAVEL's data.tgz" in refused(capsys, ["--out", str(tmp_path / "o")])
+
+
+def test_a_home_relative_model_path_is_read(capsys, no_work, tmp_path, monkeypatch):
+    make_model().save_pretrained(tmp_path / "m")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert "--layer 99 is out of range" in refused(capsys, ["--model", "~/m", "--layer", "99", "--out", str(tmp_path / "o")])
+
+
+def test_a_rerun_with_other_flags_is_refused_before_any_work(capsys, tmp_path, monkeypatch):
+    model, tok = make_model(), make_tokenizer()
+    monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None: (model, tok))
+    monkeypatch.setattr(H, "ravel_examples", lambda domain, split, *a, **k: EXAMPLES)
+    H.main(["--domain", "city", "--epochs", "1", "--out", str(tmp_path / "run")])
+    for name in ("toy_target", "load_target"):
+        monkeypatch.setattr(toy_world if name == "toy_target" else H, name, lambda *a, **k: pytest.fail("work started"))
+    message = refused(capsys, ["--domain", "city", "--epochs", "1", "--lr", "5e-4", "--out", str(tmp_path / "run")])
+    assert "holds a different run (config.lr: 0.001 -> 0.0005)" in message
+
+
+def test_evaluate_refuses_another_target_or_another_domain_set(capsys, no_work, tmp_path):
+    from transformers import AutoModelForCausalLM
+    for name, seed in (("m1", 0), ("m2", 1)):
+        make_model(seed).save_pretrained(tmp_path / name)
+    model = H.freeze(AutoModelForCausalLM.from_pretrained(tmp_path / "m1"))
+    hd = H.HyperDAS(model, make_tokenizer(), layer=2, feature_dim=8, num_blocks=2)
+    hd.train(EXAMPLES, epochs=1, batch_size=4, progress=False)
+    hd.save(tmp_path / "ckpt")
+    base = ["--evaluate", "--model_path", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o")]
+    assert "trained on the target" in refused(capsys, base + ["--domain", "city", "--model", str(tmp_path / "m2")])
+    assert "trained on city, not all" in refused(capsys, base + ["--domain", "all", "--model", str(tmp_path / "m1")])
+
+
+def test_a_damaged_toy_tokenizer_or_saved_progress_is_rebuilt(tmp_path, capsys, monkeypatch):
+    model, _ = toy_world.toy_target("verb", cache_dir=tmp_path / "a", **TINY)
+    folder = next((tmp_path / "a").iterdir())
+    (folder / "tokenizer.json").write_text((folder / "tokenizer.json").read_text()[:200])
+    again, _ = toy_world.toy_target("verb", cache_dir=tmp_path / "a", **TINY)
+    assert "is damaged" in capsys.readouterr().err
+    with monkeypatch.context() as m:
+        m.setattr(toy_world, "learning_rate", interrupt_at(toy_world, "learning_rate", 9))
+        with pytest.raises(KeyboardInterrupt):
+            toy_world.toy_target("verb", cache_dir=tmp_path / "b", **TINY)
+    partial = next((tmp_path / "b").iterdir())
+    (partial / "model.safetensors").write_bytes(b"junk")
+    rebuilt, _ = toy_world.toy_target("verb", cache_dir=tmp_path / "b", **TINY)
+    assert "starting over" in capsys.readouterr().err
+    for a, b, c in zip(model.state_dict().values(), again.state_dict().values(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    with pytest.raises(KeyboardInterrupt, match="second signal"):
+        with H.deferred_interrupts() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop == [signal.SIGINT]                  # the first only asks to stop after the step
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):                           # the signal lands at the next bytecode boundary
+                time.sleep(0.001)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

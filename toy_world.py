@@ -288,8 +288,14 @@ def train(model, tokenizer, world, steps, seed, progress=True, partial=None):
                             lr=LR, betas=(0.9, 0.95))
     start, spent = 0, 0.0
     if partial is not None and (checkpoint_path(partial) / "state.json").exists():
-        start, spent = resume_build(checkpoint_path(partial), model, opt, rng)
-        print(f"resuming the toy {world.domain} build at step {start} of {steps} ({partial})", file=sys.stderr)
+        try:
+            start, spent = resume_build(checkpoint_path(partial), model, opt, rng)
+            print(f"resuming the toy {world.domain} build at step {start} of {steps} ({partial})", file=sys.stderr)
+        except Exception as err:      # a damaged save: say so, and build from the start
+            print(f"the saved progress in {partial} is damaged ({str(err).strip().splitlines()[0]}); starting over",
+                  file=sys.stderr)
+            shutil.rmtree(partial, ignore_errors=True)
+            return train(model, tokenizer, world, steps, seed, progress, partial)
     began = last_save = time.time()
     model.train()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"toy {world.domain}", disable=not progress)
@@ -316,9 +322,9 @@ def train(model, tokenizer, world, steps, seed, progress=True, partial=None):
                 bar.set_postfix(facts=f"{loss_facts.item():.3f}", text=f"{loss_text.item():.2f}",
                                 swap=f"{loss_swap.item():.3f}")
             if partial is not None and step + 1 < steps and (stop or time.time() - last_save >= SAVE_SECONDS):
-                save_build(partial, model, opt, rng, step + 1, spent + time.time() - began)
+                save_build(partial, model, tokenizer, opt, rng, step + 1, spent + time.time() - began)
                 last_save = time.time()
-            if stop:
+            if stop and step + 1 < steps:     # on the last step, finish instead: the model is then saved whole
                 bar.close()
                 raise KeyboardInterrupt(f"the toy build stopped at step {step + 1} of {steps} and saved its progress "
                                         f"in {partial}; run the same command again to resume")
@@ -326,14 +332,15 @@ def train(model, tokenizer, world, steps, seed, progress=True, partial=None):
     return spent + time.time() - began
 
 
-def save_build(folder, model, opt, rng, step, spent):
-    """A toy build's progress: weights, optimizer moments, the data stream's random state, the step."""
+def save_build(folder, model, tokenizer, opt, rng, step, spent):
+    """A toy build's progress: weights, tokenizer, optimizer moments, the data stream's random state, the step."""
     weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     moments = {f"{i}.{k}": torch.as_tensor(v).contiguous() for i, st in opt.state_dict()["state"].items()
                for k, v in st.items()}
     state = dict(step=step, spent=spent, rng=rng.getstate())
     write_checkpoint(folder, {"model.safetensors": lambda p: save_file(weights, str(p)),
                               "optimizer.safetensors": lambda p: save_file(moments, str(p)),
+                              "tokenizer.json": lambda p: p.write_text(tokenizer.backend_tokenizer.to_str()),
                               "state.json": lambda p: p.write_text(json.dumps(state))},
                      mine=lambda p: (p / "state.json").exists())
 
@@ -426,21 +433,8 @@ def entity_count(dom, n):
     return None if n is not None and n >= len(dom.entities) else n
 
 
-def toy_target(domain, attributes=None, n_entities=None, steps=None, seed=0, cache_dir=None, data=None,
-               progress=True, device=None):
-    """A small LlamaForCausalLM and its tokenizer that know the RAVEL facts of `domain` ("all": of all five
-    domains at once, ALL_ENTITIES of each, with n_entities, when given, the size of every domain's subset).
-
-    attributes: the attributes taught as facts (default ravel_data.DEFAULT_ATTRIBUTES[domain]).
-    n_entities: use a random subset of this many entities (default DEFAULT_ENTITIES[domain]; None there
-    means all). steps: training steps (default DEFAULT_STEPS[domain]). data: the RAVEL data (ravel_data).
-    The result is saved under cache_dir ($HYPERDAS_CACHE, else ~/.cache/hyperdas/toy) in a folder keyed
-    by every argument that changes it, and loaded from there on the next call. Training always runs on
-    CPU (so the cached model does not depend on the machine); the model is returned on `device` (default
-    CPU) in eval mode. `model.config.toy_world` records its entities, held-out templates and accuracy.
-    With progress, a bar shows training and the accuracy report is printed (also when loaded).
-    """
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+def world_spec(domain, attributes=None, n_entities=None, steps=None, seed=0, cache_dir=None, data=None):
+    """toy_target's arguments resolved and checked: (cache folder, cache key, RAVEL domain(s))."""
     if domain == "all":
         if attributes is not None:
             raise ValueError("attributes cannot be chosen for the 'all' world: it is taught each domain's defaults.")
@@ -465,12 +459,38 @@ def toy_target(domain, attributes=None, n_entities=None, steps=None, seed=0, cac
                steps=steps, seed=seed)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_root(cache_dir) / f"{domain}-{digest}"
+    return folder, key, doms if domain == "all" else dom
+
+
+def target_folder(domain, **kwargs):
+    """Where toy_target(domain, **kwargs) keeps its model (whether built yet or not)."""
+    return world_spec(domain, **kwargs)[0]
+
+
+def toy_target(domain, attributes=None, n_entities=None, steps=None, seed=0, cache_dir=None, data=None,
+               progress=True, device=None):
+    """A small LlamaForCausalLM and its tokenizer that know the RAVEL facts of `domain` ("all": of all five
+    domains at once, ALL_ENTITIES of each, with n_entities, when given, the size of every domain's subset).
+
+    attributes: the attributes taught as facts (default ravel_data.DEFAULT_ATTRIBUTES[domain]).
+    n_entities: use a random subset of this many entities (default DEFAULT_ENTITIES[domain]; None there
+    means all). steps: training steps (default DEFAULT_STEPS[domain]). data: the RAVEL data (ravel_data).
+    The result is saved under cache_dir ($HYPERDAS_CACHE, else ~/.cache/hyperdas/toy) in a folder keyed
+    by every argument that changes it, and loaded from there on the next call. Training always runs on
+    CPU (so the cached model does not depend on the machine); the model is returned on `device` (default
+    CPU) in eval mode. `model.config.toy_world` records its entities, held-out templates and accuracy.
+    With progress, a bar shows training and the accuracy report is printed (also when loaded).
+    """
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    folder, key, doms = world_spec(domain, attributes, n_entities, steps, seed, cache_dir, data)
+    attributes, n_entities, steps = key["attributes"], key["n_entities"], key["steps"]
+    dom = doms
     if (folder / "config.json").exists():
         try:
             with quiet_transformers(not progress):
                 model = LlamaForCausalLM.from_pretrained(folder).eval()
             tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        except Exception as err:      # whatever a damaged file raises (tokenizers raises a bare Exception)
             print(f"the cached toy target in {folder} is damaged ({str(err).strip().splitlines()[0]}); "
                   "rebuilding it", file=sys.stderr)
             shutil.rmtree(folder, ignore_errors=True)
@@ -480,16 +500,53 @@ def toy_target(domain, attributes=None, n_entities=None, steps=None, seed=0, cac
             return model.to(device or "cpu"), tokenizer
 
     writable(folder.parent, "the toy-model cache (set HYPERDAS_CACHE to move it)")
+    with build_lock(folder):
+        return build(folder, key, domain, doms, seed, progress, device)
+
+
+@contextlib.contextmanager
+def build_lock(folder):
+    """One build of a world at a time: a second process building the same world would share its .partial
+    folder. A lock left by a process that no longer runs is taken over."""
+    lock = folder.with_name(folder.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(lock.read_text() or 0)
+            os.kill(pid, 0)                                  # raises if that process is gone
+            alive = pid > 0 and pid != os.getpid()
+        except (ValueError, OSError):
+            alive = False
+        if alive:
+            raise ValueError(f"another process (pid {pid}) is building this toy target ({lock}); wait for it to "
+                             "finish, then run again.") from None
+        lock.unlink(missing_ok=True)
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def build(folder, key, domain, doms, seed, progress, device):
+    from transformers import PreTrainedTokenizerFast
+    attributes, n_entities, steps, dom = key["attributes"], key["n_entities"], key["steps"], doms
     if domain == "all":
         world = Mixture([World(d, attributes[d.name], n_entities[d.name], seed) for d in doms])
     else:
         world = World(dom, attributes, n_entities, seed)
-    # The tokenizer learns from the same mix of text the model trains on.
-    rng = random.Random(f"tokenizer/{seed}")
-    corpus = [render(*world.fact(rng)) for _ in range(20000)] + [world.text(rng) for _ in range(5000)]
-    tokenizer = train_tokenizer(corpus)
-    model = new_model(tokenizer, seed)
     partial = folder.with_name(folder.name + ".partial")
+    if (checkpoint_path(partial) / "tokenizer.json").exists():     # a build that was interrupted: its tokenizer
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(checkpoint_path(partial) / "tokenizer.json"),
+                                            padding_side="left", **SPECIAL_TOKENS)
+    else:   # the tokenizer learns from the same mix of text the model trains on
+        rng = random.Random(f"tokenizer/{seed}")
+        corpus = [render(*world.fact(rng)) for _ in range(20000)] + [world.text(rng) for _ in range(5000)]
+        tokenizer = train_tokenizer(corpus)
+    model = new_model(tokenizer, seed)
     spent = train(model, tokenizer, world, steps, seed, progress, partial)
     info = dict(key, entities=world.entities, held_out_templates=world.held_out,
                 train_seconds=spent, accuracy=report(world, model, tokenizer, seed))
