@@ -1376,22 +1376,27 @@ def target_config(args):
         import toy_world
         return argparse.Namespace(toy_world=True, num_hidden_layers=toy_world.MODEL["num_hidden_layers"],
                                   hidden_size=toy_world.MODEL["hidden_size"])
+    from huggingface_hub.utils import logging as hub_logging
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
     source = model_source(args)
-    verbosity = hf_logging.get_verbosity()
+    verbosity = hf_logging.get_verbosity(), hub_logging.get_verbosity()
     hf_logging.set_verbosity_error()            # one line of ours, not the hub's retry warnings
+    hub_logging.set_verbosity_error()
     try:
         try:
             config = AutoConfig.from_pretrained(source, local_files_only=True)   # cached: no network
         except (OSError, ValueError):
+            print(f"--model {args.model} is not in the local cache; looking it up on the Hugging Face hub ...",
+                  file=sys.stderr)
             config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0]
         raise ValueError(f"--model {args.model}: cannot load its configuration ({reason}). Give a local model "
                          "folder, or a Hugging Face id that exists (and is cached when offline).") from None
     finally:
-        hf_logging.set_verbosity(verbosity)
+        hf_logging.set_verbosity(verbosity[0])
+        hub_logging.set_verbosity(verbosity[1])
     config = getattr(config, "text_config", None) or config     # multimodal models keep the LM's config inside
     if not all(hasattr(config, k) for k in ("num_hidden_layers", "hidden_size")):
         raise ValueError(f"--model {args.model}: its configuration ({type(config).__name__}) gives no "
