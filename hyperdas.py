@@ -12,9 +12,8 @@ Given a concept ("the country of a city"), a base prompt ("Vienna is in") and a 
 It is trained so the model's answer changes exactly as the counterfactual says (cause) and nothing
 else changes (isolate). The file follows that order: configuration, target model access, the
 hypernetwork's building blocks, steps 1-4, loss, scores, checkpoints, the `HyperDAS` class, the DAS
-baseline, and the command line. Importing it has no side effects.
+baseline (the command line is cli.py). Importing it has no side effects.
 """
-import argparse
 import contextlib
 import hashlib
 import inspect
@@ -32,6 +31,18 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+if __name__ == "__main__":   # the command line (cli.py) reads its flags before torch is imported: seconds
+    import cli
+    cli.main()
+    sys.exit()
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 import ravel_data
 
@@ -82,88 +93,6 @@ def settings_for(config):
     settings = dict(PAPER, layer=round(n * 15 / 32), feature_dim=max(8, d // 32), num_blocks=max(1, min(8, n // 4)))
     why = "the paper's Llama-3-8B row" if settings == PAPER else f"the paper's row scaled to {n} layers x {d} wide"
     return settings, why
-
-
-# The command line's flags are configuration too, and live here so that `python hyperdas.py --help` and a
-# bad flag are answered at once, before torch is imported (that takes seconds).
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (its usage message runs to a dozen)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def at_least(minimum, kind=int):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value >= minimum:
-            raise argparse.ArgumentTypeError(f"{text} must be at least {minimum}")
-        return value
-    return parse
-
-
-def positive(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
-    return value
-
-
-def interval(text):
-    """'500' (steps) or '90s', '10m', '1h' (wall time) -> {'steps': 500} or {'seconds': 600.0}."""
-    unit = {"s": 1, "m": 60, "h": 3600}.get(str(text)[-1:])
-    number = at_least(1, float)(str(text)[:-1]) if unit else at_least(1)(text)
-    return {"seconds": number * unit} if unit else {"steps": number}
-
-
-def build_parser():
-    p = OneLineParser(description="Train and evaluate HyperDAS (or the DAS baseline) on a RAVEL domain; "
-                      "print the cause / isolate / disentangle table and save the checkpoint.")
-    p.add_argument("--domain", default="verb", choices=ravel_data.DOMAINS + ("all",),
-                   help="RAVEL domain: city, nobel_prize_winner, occupation, physical_object, verb, or all (default: verb)")
-    p.add_argument("--model", help="Hugging Face id or local path of the target LM (default: the offline toy "
-                   "target trained on the domain's RAVEL facts, built on first use and cached)")
-    p.add_argument("--method", choices=("hyperdas", "das"),
-                   help="hyperdas (default), or das: one static subspace per attribute at the last entity token")
-    p.add_argument("--layer", type=at_least(0), help="intervene on hidden_states[layer] (default: from the model's settings)")
-    p.add_argument("--feature_dim", type=at_least(1), help="subspace dimension k (default: from the model's settings)")
-    p.add_argument("--num_blocks", type=at_least(1), help="hypernetwork decoder blocks (default: from the model's settings)")
-    p.add_argument("--epochs", type=at_least(1), help="training epochs (default: from the model's settings)")
-    p.add_argument("--batch_size", type=at_least(1), help="batch size (default: from the model's settings)")
-    p.add_argument("--lr", type=positive, help="hypernetwork learning rate (default: from the model's settings)")
-    p.add_argument("--n_train", type=at_least(1), help="RAVEL pairs generated for training, before the model "
-                   f"filter (default: {SIZES['train']}, per domain for all)")
-    p.add_argument("--n_test", type=at_least(1), help="RAVEL pairs generated for testing, before the model filter "
-                   f"(default: {SIZES['test']}, per domain for all)")
-    p.add_argument("--save_every", type=interval, default=interval("5m"),
-                   help="checkpoint interval: steps (500) or wall time (90s, 10m, 1h); also at the end and on "
-                   "Ctrl-C or SIGTERM (default: 5m)")
-    p.add_argument("--evaluate", action="store_true", help="only evaluate the checkpoint given by --model_path")
-    p.add_argument("--model_path", help="checkpoint directory to evaluate (with --evaluate)")
-    p.add_argument("--out", help="output directory for the checkpoint and results.json "
-                   "(default: runs/<method>-<domain>-<model>)")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=int, help="seed for data, initialisation and order (default: 0)")
-    return p
-
-
-if __name__ == "__main__":
-    build_parser().parse_args()      # --help, or one line for a bad flag, before the imports below
-
-import torch  # noqa: E402  (after the command line's first look at its flags, see above)
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from safetensors import SafetensorError  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -984,14 +913,14 @@ def deferred_interrupts():
 def train_loop(hd, examples, epochs, batch_size, eval_data=None, eval_every=0, out_dir=None, save_every=0,
                progress=True):
     """Train hd.net for `epochs` over `examples` (a fresh order each epoch, seeded). With out_dir, save every
-    `save_every` (steps, "10m" of wall time, or interval()'s dict), at the end, and on Ctrl-C or SIGTERM,
+    `save_every` (steps, or {"seconds": s} of wall time), at the end, and on Ctrl-C or SIGTERM,
     which then stop the run after its current step; a saved run is resumed if it is this one, else refused."""
     steps_per_epoch = math.ceil(len(examples) / batch_size)
     total = epochs * steps_per_epoch
     run = json.loads(json.dumps(dict(method=hd.method, config=asdict(hd.cfg), attributes=hd.attributes,
                                      epochs=epochs, batch_size=batch_size, examples=len(examples),
                                      data=fingerprint(examples))))
-    every = interval(save_every) if save_every and not isinstance(save_every, dict) else (save_every or {})
+    every = save_every if isinstance(save_every, dict) else {"steps": save_every} if save_every else {}
     opt = hd.make_optimizer()
     hd.step, hd.history = 0, []          # a new run, also for a loaded HyperDAS, unless this one resumes
     if out_dir and (checkpoint_path(out_dir) / "training.json").exists():
@@ -1323,7 +1252,7 @@ class DAS(HyperDAS):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command line: python hyperdas.py --domain verb
+# The results table (the command line, cli.py, prints it; so does the tutorial)
 
 
 def print_table(results):
@@ -1333,17 +1262,6 @@ def print_table(results):
     for mode, s in results["mode"].items():
         for name, row in [*s["per_attribute"].items(), ("(macro: paper)", s), ("(pooled)", s["pooled"])]:
             print(f"{mode:<12} {name:<20} {fmt(row['cause']):>6} {fmt(row['isolate']):>8} {fmt(row['disentangle']):>12}")
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as err:   # bad input: one line, no traceback
-        raise SystemExit(f"error: {err}") from None
-    except KeyboardInterrupt as err:                 # a loop that saved says how to resume
-        print(f"interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
-        raise SystemExit(130) from None
 
 
 def writable(folder, what):
@@ -1357,192 +1275,3 @@ def writable(folder, what):
     except OSError as err:
         raise ValueError(f"cannot write {what} at {folder} ({err.strerror or err}); choose another folder.") from None
     return folder
-
-
-def model_source(args):
-    """--model as from_pretrained should get it: an existing local folder expanded (~), else the id as given."""
-    path = Path(args.model).expanduser()
-    if path.exists():
-        return str(path)
-    if args.model.startswith(("/", ".", "~")):
-        raise ValueError(f"--model {args.model}: no such folder; give a local model folder or a Hugging Face id.")
-    return args.model
-
-
-def target_config(args):
-    """The target's configuration, read without loading weights: the toy target's from toy_world.MODEL."""
-    if args.model is None:
-        # The one place the method imports the toy world: the command line's offline default target.
-        import toy_world
-        return argparse.Namespace(toy_world=True, num_hidden_layers=toy_world.MODEL["num_hidden_layers"],
-                                  hidden_size=toy_world.MODEL["hidden_size"])
-    from huggingface_hub.utils import logging as hub_logging
-    from transformers import AutoConfig
-    from transformers.utils import logging as hf_logging
-    source = model_source(args)
-    verbosity = hf_logging.get_verbosity(), hub_logging.get_verbosity()
-    hf_logging.set_verbosity_error()            # one line of ours, not the hub's retry warnings
-    hub_logging.set_verbosity_error()
-    try:
-        try:
-            config = AutoConfig.from_pretrained(source, local_files_only=True)   # cached: no network
-        except (OSError, ValueError):
-            print(f"--model {args.model} is not in the local cache; looking it up on the Hugging Face hub ...",
-                  file=sys.stderr)
-            config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0]
-        raise ValueError(f"--model {args.model}: cannot load its configuration ({reason}). Give a local model "
-                         "folder, or a Hugging Face id that exists (and is cached when offline).") from None
-    finally:
-        hf_logging.set_verbosity(verbosity[0])
-        hub_logging.set_verbosity(verbosity[1])
-    config = getattr(config, "text_config", None) or config     # multimodal models keep the LM's config inside
-    if not all(hasattr(config, k) for k in ("num_hidden_layers", "hidden_size")):
-        raise ValueError(f"--model {args.model}: its configuration ({type(config).__name__}) gives no "
-                         "num_hidden_layers / hidden_size; HyperDAS needs a decoder-only language model.")
-    return config
-
-
-def target_name(args):
-    """What a checkpoint records as its target: the toy target's cache folder name, or the model given."""
-    if args.model is None:
-        import toy_world
-        return toy_world.target_folder(args.domain).name
-    return model_source(args)
-
-
-def ravel_ready():
-    """RAVEL's data, or one line: found where RAVEL_DATA or the cache says, else fetched (a RAVEL_DATA that
-    names a .tgz file that is not there is a mistake, not a place to download to)."""
-    named = os.environ.get("RAVEL_DATA")
-    if named and named.endswith((".tgz", ".tar.gz")) and not Path(named).expanduser().is_file():
-        raise ValueError(f"RAVEL_DATA={named}: no such file; point it at RAVEL's data.tgz or unset it to fetch RAVEL.")
-    try:
-        try:
-            return ravel_data.data_dir()
-        except FileNotFoundError:
-            print(f"RAVEL data not found; fetching it ({ravel_data.URL}) ...", file=sys.stderr)
-            return ravel_data.download()
-    except (RuntimeError, OSError) as err:
-        raise ValueError(str(err).strip().splitlines()[0]) from None
-
-
-def planned_run(settings, method, seed):
-    """The parts of train_loop's run record known before the pairs: method, configuration, schedule."""
-    keys = {f.name for f in fields(HyperDASConfig)} - ({"num_blocks"} if method == "das" else set())
-    config = asdict(HyperDASConfig(**{k: v for k, v in settings.items() if k in keys}, seed=seed))
-    return json.loads(json.dumps(dict(method=method, config=config, epochs=settings["epochs"],
-                                      batch_size=settings["batch_size"])))
-
-
-def preflight(args):
-    """Every check that needs no model weights and no pairs, so bad input is refused in one line before any
-    expensive work: the flags against each other, the target's configuration and the checkpoint's, an
-    earlier run in the output folder, the device, the RAVEL data (fetched if missing) and the output folder.
-    Returns what run() needs."""
-    if args.evaluate and not args.model_path:
-        raise ValueError("--evaluate needs --model_path CHECKPOINT_DIR (a directory written by a training run).")
-    if args.model_path and not args.evaluate:
-        raise ValueError("--model_path is read only with --evaluate; add --evaluate, or drop --model_path to train.")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here; use --device cpu.")
-    config = target_config(args)
-    settings, why = settings_for(config)
-    flags = {k: getattr(args, k) for k in ("layer", "feature_dim", "num_blocks", "epochs", "batch_size", "lr")
-             if getattr(args, k) is not None}
-    seed = 0 if args.seed is None else args.seed
-    if args.evaluate:
-        path = checkpoint_path(args.model_path)
-        if not is_checkpoint(path):
-            raise ValueError(f"--model_path {args.model_path} is not a HyperDAS checkpoint (no config.json of ours).")
-        info = read_json(path / "config.json")
-        with contextlib.suppress(FileNotFoundError):   # a damaged weights file: one line now, not after loading
-            from safetensors import safe_open
-            try:
-                with safe_open(str(path / "weights.safetensors"), "pt"):
-                    pass
-            except SafetensorError as err:
-                raise ValueError(f"{path / 'weights.safetensors'} is damaged ({err}); train again.") from None
-        saved = dict(info["config"], method=info["method"])
-        for key, value in dict(flags, method=args.method).items():
-            if key in saved and value is not None and value != saved[key]:
-                raise ValueError(f"--{key} {value} contradicts the checkpoint's {key} {saved[key]}; drop the flag.")
-        domains = info.get("domains") or []
-        if domains and (set(domains) != set(ravel_data.DOMAINS) if args.domain == "all" else args.domain not in domains):
-            raise ValueError(f"the checkpoint was trained on {', '.join(domains)}, not {args.domain}: "
-                             f"pass --domain {'all' if len(domains) > 1 else domains[0]}.")
-        if info.get("target") and Path(info["target"]).name != Path(target_name(args)).name:
-            raise ValueError(f"the checkpoint was trained on the target {info['target']}, not {target_name(args)}: "
-                             "pass the same --model (or, for a toy target, the same --domain).")
-        settings = {k: saved[k] for k in ("layer", "feature_dim", "num_blocks", "lr")}
-        why = f"the checkpoint's, {args.model_path}"
-    settings.update(flags)
-    n, d = config.num_hidden_layers, config.hidden_size
-    if not settings["layer"] < n:
-        raise ValueError(f"--layer {settings['layer']} is out of range: this model has {n} decoder layers, so "
-                         f"hidden_states[layer] can be patched for 0 <= layer <= {n - 1}.")
-    if settings["feature_dim"] > d:
-        raise ValueError(f"--feature_dim {settings['feature_dim']} exceeds the hidden size {d}.")
-    method = args.method or (saved["method"] if args.evaluate else "hyperdas")
-    if method == "hyperdas" and settings["num_blocks"] > n:
-        raise ValueError(f"--num_blocks {settings['num_blocks']} exceeds the target's {n} layers to copy from.")
-    model_name = args.model or f"toy-{args.domain}"
-    out = Path(args.out or f"runs/{method}-{args.domain}-{Path(model_name).name}")
-    earlier = checkpoint_path(out / "checkpoint") / "training.json"
-    if not args.evaluate and earlier.exists():      # a rerun must be the same run (its data is checked later)
-        saved_run = read_json(earlier).get("run") or {}
-        planned = planned_run(settings, method, seed)
-        diff = differences({k: saved_run.get(k) for k in planned}, planned)
-        if diff:
-            raise ValueError(f"{out / 'checkpoint'} holds a different run ({'; '.join(diff)}): repeat its flags to "
-                             f"resume it, or start fresh with another --out (or delete {out / 'checkpoint'}).")
-    ravel_ready()
-    writable(out, "the output")
-    return dict(settings=settings, why=why, method=method, model_name=model_name, out=out, seed=seed)
-
-
-def run(args):
-    start = time.time()
-    plan = preflight(args)
-    seed = plan["seed"]
-    random.seed(seed)
-    torch.manual_seed(seed)
-    if args.model is None:
-        from toy_world import toy_target
-        model, tokenizer = toy_target(args.domain, device=args.device)   # one target for every --seed
-    else:
-        try:
-            model, tokenizer = load_target(model_source(args), args.device)
-        except OSError as err:
-            raise ValueError(f"--model {args.model}: cannot load it ({str(err).strip().splitlines()[0]}).") from None
-    settings, out = plan["settings"], plan["out"]
-    print(f"settings ({plan['why']}; flags override): " + ", ".join(f"{k} {v}" for k, v in settings.items()),
-          file=sys.stderr)
-    test = ravel_examples(args.domain, "test", model, tokenizer, args.n_test, seed)
-    if args.evaluate:
-        hd = HyperDAS.load(args.model_path, model, tokenizer)
-    else:
-        epochs, batch_size = settings.pop("epochs"), settings.pop("batch_size")
-        train = ravel_examples(args.domain, "train", model, tokenizer, args.n_train, seed)
-        if plan["method"] == "das":
-            settings.pop("num_blocks")
-            hd = DAS(model, tokenizer, attributes=sorted({ravel_data.concept(e) for e in train}), seed=seed, **settings)
-        else:
-            hd = HyperDAS(model, tokenizer, seed=seed, **settings)
-        hd.train(train, epochs=epochs, batch_size=batch_size, out_dir=out / "checkpoint", save_every=args.save_every)
-    modes = MODES if hd.method == "hyperdas" else ("soft",)   # DAS positions are one-hot already
-    results = {"method": hd.method, "domain": args.domain, "model": plan["model_name"],
-               "mode": {m: hd.evaluate(test, mode=m) for m in modes}}
-    results["averages"] = ("cause, isolate, disentangle: macro over attributes, then domains (the paper's number); "
-                           "pooled: over examples")
-    results["seconds"] = round(time.time() - start, 1)
-    print_table(results)
-    atomic_write(out / "results.json", lambda p: p.write_text(json.dumps(results, indent=2)))
-    saved = "" if args.evaluate else f" and the checkpoint in {out / 'checkpoint'}"
-    print(f"\nsaved {out / 'results.json'}{saved} ({results['seconds']} s)")
-    return results
-
-
-if __name__ == "__main__":
-    main()

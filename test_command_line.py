@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
 import hyperdas as H
 import toy_world
 from test_hyperdas import EXAMPLES, make_model, make_tokenizer
@@ -30,7 +31,7 @@ def no_work(monkeypatch):
 def refused(capsys, argv, code=None):
     """Run the command line in-process; return its one-line complaint."""
     with pytest.raises(SystemExit) as exit_info:
-        H.main(argv)
+        cli.main(argv)
     message = str(exit_info.value.code) if isinstance(exit_info.value.code, str) else capsys.readouterr().err
     if code is not None:
         assert exit_info.value.code == code
@@ -66,6 +67,7 @@ def test_help_and_a_bad_flag_answer_without_importing_torch(tmp_path):
 def test_layer_out_of_range_is_refused_before_any_model_or_pair(capsys, no_work, tmp_path):
     message = refused(capsys, ["--layer", "99", "--out", str(tmp_path / "out")])
     assert "--layer 99 is out of range" in message and "0 <= layer <= 3" in message
+    assert "--layer 4 is out of range" in refused(capsys, ["--layer", "4", "--out", str(tmp_path / "out")])  # the edge
     assert "exceeds the hidden size" in refused(capsys, ["--feature_dim", "999", "--out", str(tmp_path / "out")])
 
 
@@ -181,7 +183,7 @@ def test_ctrl_c_in_training_saves_and_the_rerun_resumes_to_the_same_weights(tmp_
     cut = new()
     cut.forward = interrupt_at(cut, "forward", 4)
     with pytest.raises(KeyboardInterrupt, match="stopped at step 4 of 6 and saved"):
-        cut.train(EXAMPLES, epochs=3, batch_size=2, out_dir=tmp_path / "ckpt", save_every="1h", progress=False)
+        cut.train(EXAMPLES, epochs=3, batch_size=2, out_dir=tmp_path / "ckpt", save_every={"seconds": 3600}, progress=False)
     assert json.loads((tmp_path / "ckpt" / "training.json").read_text())["step"] == 4
     resumed = new()
     resumed.train(EXAMPLES, epochs=3, batch_size=2, out_dir=tmp_path / "ckpt", progress=False)
@@ -252,7 +254,7 @@ def test_a_rerun_with_other_flags_is_refused_before_any_work(capsys, tmp_path, m
     model, tok = make_model(), make_tokenizer()
     monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None: (model, tok))
     monkeypatch.setattr(H, "ravel_examples", lambda domain, split, *a, **k: EXAMPLES)
-    H.main(["--domain", "city", "--epochs", "1", "--out", str(tmp_path / "run")])
+    cli.main(["--domain", "city", "--epochs", "1", "--out", str(tmp_path / "run")])
     for name in ("toy_target", "load_target"):
         monkeypatch.setattr(toy_world if name == "toy_target" else H, name, lambda *a, **k: pytest.fail("work started"))
     message = refused(capsys, ["--domain", "city", "--epochs", "1", "--lr", "5e-4", "--out", str(tmp_path / "run")])

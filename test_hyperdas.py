@@ -486,7 +486,8 @@ def test_das_patches_the_same_hidden_states_as_manual_patching(model, tok):
 
 
 def test_cli_has_help_everywhere_and_no_type_bool():
-    parser = H.build_parser()
+    import cli
+    parser = cli.build_parser()
     for action in parser._actions:
         assert action.type is not bool, action.dest          # official flags were type=bool
         assert action.help, action.dest
@@ -823,13 +824,14 @@ def test_das_checkpoint_loads_back(model, tok, tmp_path):
 
 
 def test_command_line_round_trip_for_both_methods(model, tok, tmp_path, monkeypatch):
+    import cli
     import toy_world
     monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None: (model, tok))
     monkeypatch.setattr(H, "ravel_examples", lambda domain, split, *a, **k: EXAMPLES)
     for method in ("hyperdas", "das"):
         out = tmp_path / method
-        trained = H.main(["--domain", "city", "--method", method, "--epochs", "1", "--out", str(out)])
-        again = H.main(["--evaluate", "--model_path", str(out / "checkpoint"), "--domain", "city",
+        trained = cli.main(["--domain", "city", "--method", method, "--epochs", "1", "--out", str(out)])
+        again = cli.main(["--evaluate", "--model_path", str(out / "checkpoint"), "--domain", "city",
                         "--out", str(tmp_path / f"{method}-eval")])
         assert again["method"] == method and again["mode"] == trained["mode"]
 

@@ -179,12 +179,13 @@ def test_all_target_knows_its_domains_and_ravel_examples_respects_them(tiny_all,
 
 
 def test_command_line_domain_all_trains_one_model_on_the_all_world(tiny_all, tmp_path, monkeypatch):
+    import cli
     import hyperdas
     monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None: tiny_all if domain == "all" else None)
     monkeypatch.setattr(hyperdas, "filter_examples", lambda pairs, model, tokenizer: pairs)  # 3 steps know nothing
     every = {a for attributes in ravel_data.DEFAULT_ATTRIBUTES.values() for a in attributes}
     for method in ("hyperdas", "das"):
-        results = hyperdas.main(["--domain", "all", "--method", method, "--n_train", "200", "--n_test", "400",
+        results = cli.main(["--domain", "all", "--method", method, "--n_train", "200", "--n_test", "400",
                                  "--epochs", "1", "--out", str(tmp_path / method)])
         assert (results["method"], results["domain"], results["model"]) == (method, "all", "toy-all")
         assert set(results["mode"]["soft"]["per_attribute"]) == every          # 20 attributes, one model
