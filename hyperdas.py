@@ -137,31 +137,37 @@ def module_at(model, paths):
 
 
 def decoder_layers(model):
-    """The target's list of decoder layers (Llama, Mistral, Qwen, Gemma keep them at model.model.layers)."""
-    layers = module_at(model, ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"))
+    """The target's list of decoder layers (model.model.layers; GPT-2: transformer.h; GPT-NeoX: gpt_neox.layers)."""
+    layers = module_at(model, ("model.layers", "transformer.h", "gpt_neox.layers"))
     if isinstance(layers, nn.ModuleList):
         return layers
-    raise ValueError(f"Cannot find the decoder layers of {type(model).__name__}: HyperDAS supports models "
-                     "that keep them at model.model.layers (Llama, TinyLlama, Llama-3, Mistral, Qwen).")
+    raise ValueError(f"Cannot find the decoder layers of {type(model).__name__}: HyperDAS supports {SUPPORTED}.")
 
 
 def final_norm(model):
-    """The norm applied after the last decoder layer (None if the model has none we know of)."""
-    return module_at(model, ("model.norm", "model.decoder.final_layer_norm", "transformer.ln_f",
-                             "gpt_neox.final_layer_norm"))
+    """The norm applied after the last decoder layer."""
+    norm = module_at(model, ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm"))
+    if norm is None:
+        raise ValueError(f"Cannot find the final norm of {type(model).__name__}: HyperDAS supports {SUPPORTED}.")
+    return norm
+
+
+def target_positions(model):
+    """The learned absolute position table of a target without rotary positions (GPT-2's wpe), else None."""
+    return module_at(model, ("transformer.wpe",)) if architecture(model.config)["absolute_positions"] else None
 
 
 def target_rope(model):
     """The target's rotary frequencies and output scaling, taken from its own rotary module, so that rope
-    scaling (Llama-3.1's "llama3", "linear", "yarn") is what the hypernetwork uses too. Cross-attention key
-    positions reach tokens x (layers + 1), about 1,650 at Llama size, where scaling does matter."""
-    rotary = module_at(model, ("model.rotary_emb", "rotary_emb"))
-    if rotary is not None:
-        return rotary.inv_freq.detach().float().cpu(), float(getattr(rotary, "attention_scaling", 1.0))
-    tc = model.config   # no rotary module: plain rope from the config's theta
-    theta = (getattr(tc, "rope_parameters", None) or {}).get("rope_theta", getattr(tc, "rope_theta", 1e4))
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    return theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim), 1.0
+    scaling (Llama-3.1's "llama3", "linear", "yarn") and partial rotary (GPT-NeoX) are what the hypernetwork
+    uses too; None for a target with absolute positions. Cross-attention key positions reach tokens x
+    (layers + 1), about 1,650 at Llama size, where scaling does matter."""
+    if architecture(model.config)["absolute_positions"]:
+        return None
+    rotary = module_at(model, ("model.rotary_emb", "gpt_neox.rotary_emb"))
+    if rotary is None:
+        raise ValueError(f"Cannot find the rotary embedding of {type(model).__name__}: HyperDAS supports {SUPPORTED}.")
+    return rotary.inv_freq.detach().float().cpu(), float(getattr(rotary, "attention_scaling", 1.0))
 
 
 def check_layer(model, layer):
@@ -173,19 +179,18 @@ def check_layer(model, layer):
 
 @contextlib.contextmanager
 def patch_layer(model, layer, fn):
-    """Inside the block, every forward uses fn(h) in place of h = hidden_states[layer] (the output of
-    decoder layer layer-1, or of the embeddings for layer 0). The hook is removed on exit, also on errors."""
+    """Inside the block, every forward uses fn(h) in place of h = hidden_states[layer]: the input of decoder
+    layer `layer`, which is what the residual stream is there on every architecture (for layer 0 that is the
+    embeddings after any scaling, Gemma's sqrt(d) included). The hook is removed on exit, also on errors."""
     check_layer(model, layer)
-    module = model.get_input_embeddings() if layer == 0 else decoder_layers(model)[layer - 1]
 
-    def hook(module, args, output):
-        # Llama layers return a bare tensor in transformers 5 and a tuple in 4.x: return a new value,
-        # never edit output[0] in place (on a bare tensor that would silently be batch row 0).
-        if isinstance(output, tuple):
-            return (fn(output[0]),) + tuple(output[1:])
-        return fn(output)
+    def hook(module, args, kwargs):
+        # A new value, never an in-place edit (that would also change the caller's tensor).
+        if args:
+            return (fn(args[0]),) + tuple(args[1:]), kwargs
+        return args, dict(kwargs, hidden_states=fn(kwargs["hidden_states"]))
 
-    handle = module.register_forward_hook(hook)
+    handle = decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield
     finally:
@@ -354,8 +359,62 @@ def ravel_examples(domain, split, model, tokenizer, n=None, seed=0, data=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The hypernetwork's building blocks: the target's own parts (RMSNorm, rotary positions, grouped-query
-# attention, SwiGLU), written out so that no transformers internals are needed.
+# The hypernetwork's building blocks. One block class, parametrised by what the target's config says its
+# decoder layer computes (architecture()), so that block i starts as an exact copy of target layer i on
+# every supported family: RMS or layer norms; pre-norm, sandwich (Gemma-2), post-norm (OLMo-2) or parallel
+# (GPT-NeoX) residuals; q/k norms; biases; gated or plain MLPs; full, partial or no rotary positions;
+# soft-capped attention scores.
+
+# How each family names the parts of a decoder layer: target state-dict prefix -> the block's part.
+# "qkv" and "gate_up" are fused projections, split by layer_weights().
+LLAMA_PARTS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
+               **{f"self_attn.{p}_proj": f"attn.{p}_proj" for p in "qkvo"},
+               "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm",
+               **{f"mlp.{p}_proj": f"mlp.{p}_proj" for p in ("gate", "up", "down")}}
+LAYER_PARTS = {
+    "llama": LLAMA_PARTS, "mistral": LLAMA_PARTS, "mixtral": LLAMA_PARTS, "qwen2": LLAMA_PARTS, "qwen3": LLAMA_PARTS,
+    "gemma": LLAMA_PARTS,
+    "gemma2": {**LLAMA_PARTS, "post_attention_layernorm": "attn_post", "pre_feedforward_layernorm": "mlp_norm",
+               "post_feedforward_layernorm": "mlp_post"},
+    "olmo2": {**LLAMA_PARTS, "post_attention_layernorm": "attn_post", "post_feedforward_layernorm": "mlp_post"},
+    "phi3": {**LLAMA_PARTS, "self_attn.qkv_proj": "qkv", "mlp.gate_up_proj": "gate_up"},
+    "gpt2": {"ln_1": "attn_norm", "ln_2": "mlp_norm", "attn.c_attn": "qkv", "attn.c_proj": "attn.o_proj",
+             "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"},
+    "gpt_neox": {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
+                 "attention.query_key_value": "qkv", "attention.dense": "attn.o_proj",
+                 "mlp.dense_h_to_4h": "mlp.up_proj", "mlp.dense_4h_to_h": "mlp.down_proj"}}
+SUPPORTED = "Llama, Mistral, Mixtral, Qwen2, Qwen3, Gemma, Gemma-2, Phi-3, OLMo-2, GPT-2, GPT-NeoX (Pythia)"
+
+
+def architecture(config):
+    """What a target's decoder layer computes, read from its config: the one description Block is built from."""
+    c, t = config, config.model_type
+    if t not in LAYER_PARTS:
+        raise ValueError(f"HyperDAS does not support the {t!r} architecture ({type(c).__name__}): it supports {SUPPORTED}.")
+    d, heads = c.hidden_size, c.num_attention_heads
+    biased = getattr(c, "attention_bias", t == "gpt_neox") or t == "gpt2"
+    head_dim = getattr(c, "head_dim", None) or d // heads
+    scale = head_dim ** -0.5
+    if t == "gemma2":
+        scale = c.query_pre_attn_scalar ** -0.5
+    elif t == "gpt2" and not c.scale_attn_weights:
+        scale = 1.0
+    return dict(
+        type=t, d=d, heads=heads, kv_heads=getattr(c, "num_key_value_heads", None) or heads, head_dim=head_dim,
+        d_ff=getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d,
+        eps=next(getattr(c, k) for k in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon") if hasattr(c, k)),
+        layer_norm=t in ("gpt2", "gpt_neox"),                 # nn.LayerNorm with a bias; else RMSNorm
+        norm_offset=1.0 if t in ("gemma", "gemma2") else 0.0,  # Gemma's norms scale by (1 + weight)
+        act=c.hidden_activation if t == "gemma2" else c.activation_function if t == "gpt2" else c.hidden_act,
+        gated=t not in ("gpt2", "gpt_neox"),                  # act(gate) * up; else act(up)
+        qkv_bias=biased or t == "qwen2", o_bias=biased,        # Qwen2: q/k/v biases only
+        mlp_bias=t in ("gpt2", "gpt_neox") or getattr(c, "mlp_bias", False),
+        qk_norm={"qwen3": "head", "olmo2": "full"}.get(t),    # RMSNorm per head, or over the whole projection
+        pre_norm=t != "olmo2", post_norm=t in ("gemma2", "olmo2"),
+        parallel=t == "gpt_neox" and c.use_parallel_residual,
+        scale=scale, inverse_layer_scale=t == "gpt2" and c.scale_attn_by_inverse_layer_idx,
+        softcap=getattr(c, "attn_logit_softcapping", None) if t == "gemma2" else None,
+        absolute_positions=t == "gpt2", mixture_of_experts=t == "mixtral")
 
 
 class RMSNorm(nn.Module):
@@ -368,6 +427,13 @@ class RMSNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
+def make_norm(arch, d=None, present=True):
+    if not present:
+        return nn.Identity()
+    d = d or arch["d"]
+    return nn.LayerNorm(d, eps=arch["eps"]) if arch["layer_norm"] else RMSNorm(d, arch["eps"])
+
+
 class Rotary(nn.Module):
     """cos/sin tables at given positions, from the target's own frequencies and scaling (target_rope)."""
 
@@ -377,93 +443,172 @@ class Rotary(nn.Module):
         self.scaling = scaling
 
     def forward(self, pos):
-        angle = pos[:, None, :, None].float() * self.inv_freq                 # [B, 1, T, dh/2]
-        angle = torch.cat((angle, angle), dim=-1)                              # [B, 1, T, dh]
+        angle = pos[:, None, :, None].float() * self.inv_freq                 # [B, 1, T, r/2]
+        angle = torch.cat((angle, angle), dim=-1)                              # [B, 1, T, r]
         return angle.cos() * self.scaling, angle.sin() * self.scaling
 
 
 def rotate(x, cos, sin):
-    """Rotary position embedding in the Llama (rotate-half) layout. x: [B, H, T, dh], cos/sin: [B, 1, T, dh]."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return (x.float() * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+    """Rotary position embedding, rotate-half layout, on the first r = cos.shape[-1] dims of each head (all of
+    them but for partial rotary, as in GPT-NeoX). x: [B, H, T, dh], cos/sin: [B, 1, T, r]."""
+    r = cos.shape[-1]
+    xr = x[..., :r].float()
+    x1, x2 = xr.chunk(2, dim=-1)
+    return torch.cat(((xr * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype), x[..., r:]), dim=-1)
 
 
 class Attention(nn.Module):
-    """Grouped-query attention from x to memory with rotary positions; `mask` [B, Tq, Tk] says who may
-    attend to whom. Self-attention is the case memory = x."""
+    """Grouped-query attention from x to memory, with rotary positions (rope None: the target has absolute
+    positions, already in its hidden states); `mask` [B, Tq, Tk] says who may attend to whom. Self-attention
+    is the case memory = x. The g query heads that share a K/V head are stacked along the query axis, so K
+    and V are never copied per query head (repeat_interleave would materialise them: 4x at Llama-3-8B)."""
 
-    def __init__(self, d, n_heads, n_kv_heads, head_dim):
+    def __init__(self, arch, index=0):
         super().__init__()
-        self.h, self.h_kv, self.dh = n_heads, n_kv_heads, head_dim
-        self.q_proj = nn.Linear(d, n_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(d, n_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(d, n_kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(n_heads * head_dim, d, bias=False)
+        d, self.h, self.h_kv, self.dh = arch["d"], arch["heads"], arch["kv_heads"], arch["head_dim"]
+        self.q_proj = nn.Linear(d, self.h * self.dh, bias=arch["qkv_bias"])
+        self.k_proj = nn.Linear(d, self.h_kv * self.dh, bias=arch["qkv_bias"])
+        self.v_proj = nn.Linear(d, self.h_kv * self.dh, bias=arch["qkv_bias"])
+        self.o_proj = nn.Linear(self.h * self.dh, d, bias=arch["o_bias"])
+        self.per_head_norm = arch["qk_norm"] == "head"
+        if arch["qk_norm"]:
+            self.q_norm = make_norm(arch, self.dh if self.per_head_norm else self.h * self.dh)
+            self.k_norm = make_norm(arch, self.dh if self.per_head_norm else self.h_kv * self.dh)
+        self.scale = arch["scale"] / (index + 1 if arch["inverse_layer_scale"] else 1)
+        self.softcap = arch["softcap"]
+
+    def heads(self, x, n, norm=None):
+        """[B, T, n * dh] -> [B, n, T, dh], through this layer's q/k norm (per head or whole) if it has one."""
+        if norm is not None and not self.per_head_norm:
+            x = norm(x)
+        x = x.unflatten(-1, (n, self.dh))
+        return (norm(x) if norm is not None and self.per_head_norm else x).transpose(1, 2)
 
     def forward(self, x, x_rope, memory, memory_rope, mask):
-        B, Tq, Tk = x.shape[0], x.shape[1], memory.shape[1]
-        q = self.q_proj(x).view(B, Tq, self.h, self.dh).transpose(1, 2)            # [B, H, Tq, dh]
-        k = self.k_proj(memory).view(B, Tk, self.h_kv, self.dh).transpose(1, 2)    # [B, Hkv, Tk, dh]
-        v = self.v_proj(memory).view(B, Tk, self.h_kv, self.dh).transpose(1, 2)
-        q, k = rotate(q, *x_rope), rotate(k, *memory_rope)
-        k, v = (t.repeat_interleave(self.h // self.h_kv, dim=1) for t in (k, v))  # [B, H, Tk, dh]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])     # [B, H, Tq, dh]
-        return self.o_proj(out.transpose(1, 2).reshape(B, Tq, self.h * self.dh))
+        B, Tq, g = x.shape[0], x.shape[1], self.h // self.h_kv
+        q = self.heads(self.q_proj(x), self.h, getattr(self, "q_norm", None))             # [B, H, Tq, dh]
+        k = self.heads(self.k_proj(memory), self.h_kv, getattr(self, "k_norm", None))     # [B, Hkv, Tk, dh]
+        v = self.heads(self.v_proj(memory), self.h_kv)
+        if x_rope is not None:
+            q, k = rotate(q, *x_rope), rotate(k, *memory_rope)
+        q = q.reshape(B, self.h_kv, g * Tq, self.dh)            # query head h = kv head h // g, as in HF
+        mask = mask.repeat(1, g, 1)[:, None]                    # [B, 1, g*Tq, Tk]
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        else:                                                   # Gemma-2: cap * tanh(score / cap)
+            score = torch.tanh((q @ k.transpose(-1, -2)).float() * (self.scale / self.softcap)) * self.softcap
+            out = score.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ v
+        out = out.reshape(B, self.h, Tq, self.dh).transpose(1, 2)                         # [B, Tq, H, dh]
+        return self.o_proj(out.reshape(B, Tq, self.h * self.dh))
 
 
 class MLP(nn.Module):
-    def __init__(self, d, d_ff, d_out=None):
+    """act(gate(x)) * up(x) -> down (SwiGLU, GeGLU), or act(up(x)) -> down (GPT-2, GPT-NeoX)."""
+
+    def __init__(self, d, d_ff, d_out=None, act="silu", gated=True, bias=False):
         super().__init__()
-        self.gate_proj = nn.Linear(d, d_ff, bias=False)
-        self.up_proj = nn.Linear(d, d_ff, bias=False)
-        self.down_proj = nn.Linear(d_ff, d_out or d, bias=False)
+        from transformers.activations import ACT2FN   # the targets' own activation functions
+        self.gate_proj = nn.Linear(d, d_ff, bias=bias) if gated else None
+        self.up_proj = nn.Linear(d, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_out or d, bias=bias)
+        self.act = ACT2FN[act]
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        up = self.up_proj(x)
+        return self.down_proj(self.act(self.gate_proj(x)) * up if self.gate_proj is not None else self.act(up))
 
 
 class Block(nn.Module):
     """One hypernetwork block (official order): causal self-attention over the instruction,
-    cross-attention to the source's hidden states, cross-attention to the base's, then the MLP.
-    Without its two memories (source=base=None) it computes exactly a target decoder layer it was copied from."""
+    cross-attention to the source's hidden states, cross-attention to the base's, then the MLP. Without its
+    two memories (source=base=None) it computes exactly the target decoder layer it was copied from."""
 
-    def __init__(self, d, n_heads, n_kv_heads, head_dim, d_ff, eps):
+    def __init__(self, arch, index=0):
         super().__init__()
-        attention = lambda: Attention(d, n_heads, n_kv_heads, head_dim)
-        self.self_norm, self.self_attn = RMSNorm(d, eps), attention()
-        self.source_norm, self.source_attn = RMSNorm(d, eps), attention()
-        self.base_norm, self.base_attn = RMSNorm(d, eps), attention()
-        self.mlp_norm, self.mlp = RMSNorm(d, eps), MLP(d, d_ff)
+        norm = lambda on: make_norm(arch, present=on)
+        for role in ("self", "source", "base"):
+            setattr(self, f"{role}_norm", norm(arch["pre_norm"]))
+            setattr(self, f"{role}_attn", Attention(arch, index))
+            setattr(self, f"{role}_post", norm(arch["post_norm"]))
+        self.mlp_norm, self.mlp_post = norm(arch["pre_norm"]), norm(arch["post_norm"])
+        self.mlp = MLP(arch["d"], arch["d_ff"], act=arch["act"], gated=arch["gated"], bias=arch["mlp_bias"])
+        self.parallel = arch["parallel"]
 
     def forward(self, h, rope, self_mask, source=None, base=None):
+        """Each sublayer adds to the stream; it reads the stream as the sublayer before left it, or, in the
+        parallel layout (GPT-NeoX), the block's input, as the target layer's attention and MLP both do."""
+        start = h
         x = self.self_norm(h)
-        h = h + self.self_attn(x, rope, x, rope, self_mask)
-        if source is not None:
-            h = h + self.cross(self.source_attn, self.source_norm, h, rope, source)
-        if base is not None:
-            h = h + self.cross(self.base_attn, self.base_norm, h, rope, base)
-        return h + self.mlp(self.mlp_norm(h))
+        h = h + self.self_post(self.self_attn(x, rope, x, rope, self_mask))
+        for attn, norm, post, memory in ((self.source_attn, self.source_norm, self.source_post, source),
+                                         (self.base_attn, self.base_norm, self.base_post, base)):
+            if memory is not None:
+                h = h + post(self.cross(attn, norm, start if self.parallel else h, rope, memory))
+        return h + self.mlp_post(self.mlp(self.mlp_norm(start if self.parallel else h)))
 
     @staticmethod
     def cross(attn, norm, h, rope, memory):
         """Cross-attention to memory = (items, rope, mask). The items pass through the same norm as the
-        queries, so the copied k/v projections read RMS-normed states as the target layer's do (the official
-        code fed them unit-length vectors, RMS 1/sqrt(d), with no norm)."""
+        queries, so the copied k/v projections read normed states as the target layer's do (the official code
+        fed them unit-length vectors, RMS 1/sqrt(d), with no norm). Under autocast the normed items are cast
+        once, not once per projection."""
         items, items_rope, mask = memory
-        return attn(norm(h), rope, norm(items), items_rope, mask)
+        items = norm(items)
+        if torch.is_autocast_enabled(items.device.type):
+            items = items.to(torch.get_autocast_dtype(items.device.type))
+        return attn(norm(h), rope, items, items_rope, mask)
 
-    def copy_from(self, layer):
+    def copy_from(self, layer, arch):
         """Start from a target decoder layer; both cross-attentions are independent clones of its
-        self-attention (official: storage-aliased on CPU, separated only by .to(cuda))."""
-        weights = {k: v.detach().float() for k, v in layer.state_dict().items()}
-        for attn, norm in ((self.self_attn, self.self_norm), (self.source_attn, self.source_norm),
-                           (self.base_attn, self.base_norm)):
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                getattr(attn, name).weight.data.copy_(weights[f"self_attn.{name}.weight"])
-            norm.weight.data.copy_(weights["input_layernorm.weight"])
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            getattr(self.mlp, name).weight.data.copy_(weights[f"mlp.{name}.weight"])
-        self.mlp_norm.weight.data.copy_(weights["post_attention_layernorm.weight"])
+        self-attention (official: storage-aliased on CPU, separated only by .to(cuda)). Every weight of the
+        layer lands in the block and every parameter of the block comes from the layer, or this refuses."""
+        roles = {"attn_norm": "{}_norm", "attn": "{}_attn", "attn_post": "{}_post"}
+        state = {}
+        for key, value in layer_weights(layer, arch).items():
+            part, rest = key.split(".", 1)
+            for role in ("self", "source", "base") if part in roles else ():
+                state[f"{roles[part].format(role)}.{rest}"] = value
+            if part not in roles:
+                state[key] = value
+        try:
+            result = self.load_state_dict(state, strict=False)
+        except RuntimeError as err:
+            raise ValueError(f"Cannot copy this {arch['type']} layer into a block: {str(err).splitlines()[-1].strip()}") from None
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(f"Cannot copy this {arch['type']} layer into a block exactly (block parameters without a "
+                             f"weight: {result.missing_keys}; layer weights without a place: {result.unexpected_keys}); "
+                             "use init_from_target=False.")
+
+
+def layer_weights(layer, arch):
+    """A target decoder layer's weights, fp32, under the block's part names: fused q/k/v and gate/up projections
+    split, GPT-2's Conv1D weights transposed to nn.Linear's layout, Gemma's (1 + weight) norms folded. A weight
+    no block part computes is an error, never silently dropped."""
+    parts = LAYER_PARTS[arch["type"]]
+    conv = {name for name, m in layer.named_modules() if type(m).__name__ == "Conv1D"}   # x @ W, W: [in, out]
+    h, kv, dh = arch["heads"], arch["kv_heads"], arch["head_dim"]
+    out = {}
+    for key, value in layer.state_dict().items():
+        prefix, _, param = key.rpartition(".")
+        part = parts.get(prefix)
+        if part is None:
+            raise ValueError(f"The {arch['type']} layer's weight {key!r} has no counterpart in a hypernetwork block, "
+                             "so a copy would ignore it; use init_from_target=False.")
+        value = value.detach().float()
+        if prefix in conv and param == "weight":
+            value = value.T
+        if part == "qkv":
+            if arch["type"] == "gpt_neox":         # per head: [q_h; k_h; v_h]
+                q, k, v = (p.flatten(0, 1) for p in value.unflatten(0, (h, 3, dh)).unbind(1))
+            else:
+                q, k, v = value.split((h * dh, kv * dh, kv * dh))
+            out.update({f"attn.q_proj.{param}": q, f"attn.k_proj.{param}": k, f"attn.v_proj.{param}": v})
+        elif part == "gate_up":                    # Phi-3: [gate; up]
+            out[f"mlp.gate_proj.{param}"], out[f"mlp.up_proj.{param}"] = value.chunk(2)
+        else:
+            is_norm = ("norm" in part or "post" in part) and param == "weight"
+            out[f"{part}.{param}"] = value + arch["norm_offset"] if is_norm else value
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -480,13 +625,17 @@ def memory(states, visible):
 
 
 class ConceptEncoder(nn.Module):
-    """Instruction tokens -> embedding -> N blocks (cross-attending to source and base) -> final norm."""
+    """Instruction tokens -> embedding -> N blocks (cross-attending to source and base) -> final norm.
+    rope: a Rotary, or None for a target with learned absolute positions (GPT-2), whose position table the
+    encoder then has too; embed_scale: what the target multiplies its embeddings by (Gemma: sqrt(d))."""
 
-    def __init__(self, vocab_size, d, heads, kv_heads, head_dim, d_ff, eps, num_blocks, rope):
+    def __init__(self, arch, vocab_size, num_blocks, rope, max_positions=None, embed_scale=1.0):
         super().__init__()
-        self.embed = nn.Embedding(vocab_size, d)   # the hypernetwork's own trainable copy
-        self.blocks = nn.ModuleList(Block(d, heads, kv_heads, head_dim, d_ff, eps) for _ in range(num_blocks))
-        self.norm = RMSNorm(d, eps)
+        self.embed = nn.Embedding(vocab_size, arch["d"])   # the hypernetwork's own trainable copy
+        self.positions = nn.Embedding(max_positions, arch["d"]) if rope is None else None
+        self.embed_scale = embed_scale
+        self.blocks = nn.ModuleList(Block(arch, i) for i in range(num_blocks))
+        self.norm = make_norm(arch)
         self.rope = rope
 
     def forward(self, instruction, base, source):
@@ -497,10 +646,13 @@ class ConceptEncoder(nn.Module):
         # Always causal, padded or not (the official mask vanished for unpadded batches); every row
         # may see itself, so left-pad rows stay finite.
         self_mask = (causal & mask[:, None, :]) | torch.eye(n, dtype=torch.bool, device=ids.device)
-        cross = lambda items, pos, seen: (items, self.rope(pos), seen[:, None, :].expand(-1, n, -1))
+        rope = (lambda pos: None) if self.rope is None else self.rope
+        cross = lambda items, pos, seen: (items, rope(pos), seen[:, None, :].expand(-1, n, -1))
         source, base = cross(*source), cross(*base)
-        rope = self.rope(instruction["position_ids"])
-        h = self.embed(ids)                                                            # [B, n, d]
+        h = self.embed(ids) * self.embed_scale                                         # [B, n, d]
+        if self.positions is not None:
+            h = h + self.positions(instruction["position_ids"])
+        rope = rope(instruction["position_ids"])
         for block in self.blocks:
             h = block(h, rope, self_mask, source, base)
         return self.norm(h)
@@ -622,26 +774,33 @@ class HyperNetwork(nn.Module):
 
     def __init__(self, target, cfg):
         super().__init__()
-        tc = target.config
-        d, heads, kv_heads = tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads
-        head_dim = getattr(tc, "head_dim", None) or d // heads
+        arch, d = architecture(target.config), target.config.hidden_size
+        if cfg.init_from_target and arch["mixture_of_experts"]:
+            raise ValueError(f"init_from_target=True cannot copy {arch['type']}'s mixture-of-experts layers into dense "
+                             "blocks; pass init_from_target=False (random blocks of the target's shape).")
+        if cfg.init_from_target and cfg.num_blocks > len(decoder_layers(target)):
+            raise ValueError(f"num_blocks={cfg.num_blocks} exceeds the target's {len(decoder_layers(target))} "
+                             "layers to copy from; use fewer blocks or init_from_target=False.")
         self.layer = cfg.layer
-        self.encoder = ConceptEncoder(tc.vocab_size, d, heads, kv_heads, head_dim, tc.intermediate_size,
-                                      tc.rms_norm_eps, cfg.num_blocks, Rotary(*target_rope(target)))
+        embed, positions, rope = target.get_input_embeddings(), target_positions(target), target_rope(target)
+        self.encoder = ConceptEncoder(arch, target.config.vocab_size, cfg.num_blocks,
+                                      None if rope is None else Rotary(*rope),
+                                      None if positions is None else positions.num_embeddings,
+                                      float(getattr(embed, "embed_scale", 1.0)))
         self.selector = TokenSelector(d, d)
-        self.subspace = SubspaceHead(d, cfg.feature_dim, tc.intermediate_size, tc.rms_norm_eps)
-        # The embedding and final norm start as the target's in both modes (the official code kept them
-        # pretrained also "from scratch"); init_from_target copies the first N decoder layers as well.
-        self.encoder.embed.weight.data.copy_(target.get_input_embeddings().weight.detach().float())
-        norm = final_norm(target)
-        if norm is not None:
-            self.encoder.norm.weight.data.copy_(norm.weight.detach().float())
+        self.subspace = SubspaceHead(d, cfg.feature_dim, arch["d_ff"], arch["eps"])
+        # The embedding (and GPT-2's position table) and the final norm start as the target's in both modes
+        # (the official code kept them pretrained also "from scratch"); init_from_target copies the first N
+        # decoder layers as well.
+        self.encoder.embed.weight.data.copy_(embed.weight.detach().float())
+        if positions is not None:
+            self.encoder.positions.weight.data.copy_(positions.weight.detach().float())
+        for name, value in final_norm(target).state_dict().items():
+            offset = arch["norm_offset"] if name == "weight" else 0.0
+            getattr(self.encoder.norm, name).data.copy_(value.detach().float() + offset)
         if cfg.init_from_target:
-            if cfg.num_blocks > len(decoder_layers(target)):
-                raise ValueError(f"num_blocks={cfg.num_blocks} exceeds the target's {len(decoder_layers(target))} "
-                                 "layers to copy from; use fewer blocks or init_from_target=False.")
             for block, layer in zip(self.encoder.blocks, decoder_layers(target)):
-                block.copy_from(layer)
+                block.copy_from(layer, arch)
 
     def forward(self, instruction, base_states, base_visible, source_states, source_visible):
         """instruction: tokenize() output [B, n]; *_states: [B, T, n_layers+1, d] from hidden_states()."""

@@ -113,21 +113,29 @@ def test_patch_layer_identity_is_bit_identical_and_removed(model, tok):
     for layer in (0, 2, 3):
         with H.patch_layer(model, layer, lambda h: h):
             assert torch.equal(model(**H.target_inputs(enc)).logits, plain)
-    assert all(not m._forward_hooks for m in model.modules())
+    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    assert hooks() == 0
     with pytest.raises(RuntimeError, match="boom"):
         with H.patch_layer(model, 2, lambda h: h * 0):
             raise RuntimeError("boom")
-    assert all(not m._forward_hooks for m in model.modules())
+    assert hooks() == 0
     assert torch.equal(model(**H.target_inputs(enc)).logits, plain)
 
 
 def test_patch_layer_replaces_hidden_states_at_that_layer(model, tok):
+    """fn sees hidden_states[L] and decoder layer L receives fn's result; layers below are untouched."""
     enc = H.tokenize(tok, ["the city of Vienna is in"])
-    with H.patch_layer(model, 2, lambda h: h + 1.0):
-        patched = model(**H.target_inputs(enc), output_hidden_states=True).hidden_states
     clean = model(**H.target_inputs(enc), output_hidden_states=True).hidden_states
-    torch.testing.assert_close(patched[2], clean[2] + 1.0)
-    assert torch.equal(patched[1], clean[1]) and not torch.allclose(patched[3], clean[3])
+    for layer in (0, 2):
+        seen, received = [], []
+        with H.patch_layer(model, layer, lambda h: seen.append(h) or h + 1.0):
+            handle = model.model.layers[layer].register_forward_pre_hook(lambda m, a: received.append(a[0]))
+            patched = model(**H.target_inputs(enc), output_hidden_states=True).hidden_states
+            handle.remove()
+        torch.testing.assert_close(seen[0], clean[layer], atol=0, rtol=0)
+        torch.testing.assert_close(received[0], clean[layer] + 1.0, atol=0, rtol=0)
+        assert all(torch.equal(patched[i], clean[i]) for i in range(layer))
+        assert not torch.allclose(patched[layer + 1], clean[layer + 1])
 
 
 def test_intervened_forward_equals_manual_activation_patching(model, tok):
