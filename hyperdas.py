@@ -210,27 +210,36 @@ def answer_ids(tokenizer, prompts, answers, prompt_ids):
     """The ids that follow each prompt's own ids for separator + answer, so the answer is exactly its own
     tokens: the full text's ids after the prompt's when its tokenization starts with them; else (a merge
     across the boundary: byte-level BPE with Llama-3's split regex turns '"' + '-12' into '"-', '12') the
-    answer tokenized alone, when prompt + answer then decode to the same text; None when neither holds."""
+    answer tokenized alone or, for a tokenizer that puts a space before every text (SentencePiece's dummy '▁',
+    add_prefix_space) and so before the answer alone too, the answer's tokens after a line break: the first
+    of these with which prompt + answer decode to the same text; None when none does."""
     tails = [answer_separator(p) + a for p, a in zip(prompts, answers)]
     full, alone = encode(tokenizer, [p + t for p, t in zip(prompts, tails)]), encode(tokenizer, tails)
+    broken = token_offsets(tokenizer, ["\n" + t for t in tails])
+    after_break = [[i for i, (start, _) in zip(ids, row) if start >= 1]
+                   if all(start >= 1 or end <= 1 for start, end in row) else []   # none may span the break
+                   for ids, row in zip(broken["input_ids"], broken["offset_mapping"])]
     out = []
-    for p, f, a in zip(prompt_ids, full, alone):
+    for p, f, a, b in zip(prompt_ids, full, alone, after_break):
         if f[:len(p)] == p and len(f) > len(p):
             out.append(f[len(p):])
-        elif a and tokenizer.decode(p + a) == tokenizer.decode(f):
-            out.append(a)
         else:
-            out.append(None)
+            out.append(next((c for c in (a, b) if c and tokenizer.decode(p + c) == tokenizer.decode(f)), None))
     return out
+
+
+def token_offsets(tokenizer, strings):
+    """Ids and each token's (start, end) characters in its string; only fast tokenizers know the latter."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{type(tokenizer).__name__} is a slow tokenizer: HyperDAS needs token offsets; load the "
+                         "fast one (AutoTokenizer.from_pretrained(..., use_fast=True)).")
+    return tokenizer(list(strings), add_special_tokens=False, return_offsets_mapping=True)
 
 
 def visible_counts(tokenizer, prompts, visible_chars):
     """How many of each prompt's tokens start within its first visible_chars[i] characters. A token that
     straddles the boundary (the entity's end merged with what follows) counts: it carries the entity's end."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"{type(tokenizer).__name__} is a slow tokenizer: HyperDAS needs token offsets; load the "
-                         "fast one (AutoTokenizer.from_pretrained(..., use_fast=True)).")
-    offsets = tokenizer(prompts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    offsets = token_offsets(tokenizer, prompts)["offset_mapping"]
     return [sum(start < n for start, _ in row) for row, n in zip(offsets, visible_chars)]
 
 
