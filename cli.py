@@ -64,6 +64,8 @@ def build_parser():
                    help="RAVEL domain: city, nobel_prize_winner, occupation, physical_object, verb, or all (default: verb)")
     p.add_argument("--model", help="Hugging Face id or local path of the target LM (default: the offline toy "
                    "target trained on the domain's RAVEL facts, built on first use and cached)")
+    p.add_argument("--arch", choices=("llama", "gpt2"),
+                   help="architecture of the offline toy target: llama (default) or gpt2 (not with --model)")
     p.add_argument("--method", choices=("hyperdas", "das"),
                    help="hyperdas (default), or das: one static subspace per attribute at the last entity token")
     p.add_argument("--layer", type=at_least(0), help="intervene on hidden_states[layer] (default: from the model's settings)")
@@ -149,7 +151,7 @@ def target_name(args):
     """What a checkpoint records as its target: the toy target's cache folder name, or the model given."""
     if args.model is None:
         import toy_world
-        return toy_world.target_folder(args.domain).name
+        return toy_world.target_folder(args.domain, arch=args.arch or "llama").name
     return model_source(args)
 
 
@@ -188,7 +190,11 @@ def preflight(args):
         raise ValueError("--model_path is read only with --evaluate; add --evaluate, or drop --model_path to train.")
     if args.device == "cuda" and not H.torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here; use --device cpu.")
+    if args.arch and args.model:
+        raise ValueError("--arch chooses the toy target's architecture; with --model the model's own is used: drop --arch.")
     config = target_config(args)
+    if args.model:
+        H.architecture(config)          # an architecture HyperDAS cannot copy exactly: refused now, not after loading
     settings, why = H.settings_for(config)
     flags = {k: getattr(args, k) for k in ("layer", "feature_dim", "num_blocks", "epochs", "batch_size", "lr")
              if getattr(args, k) is not None}
@@ -228,7 +234,7 @@ def preflight(args):
     method = args.method or (saved["method"] if args.evaluate else "hyperdas")
     if method == "hyperdas" and settings["num_blocks"] > n:
         raise ValueError(f"--num_blocks {settings['num_blocks']} exceeds the target's {n} layers to copy from.")
-    model_name = args.model or f"toy-{args.domain}"
+    model_name = args.model or f"toy-{args.domain}" + (f"-{args.arch}" if args.arch not in (None, "llama") else "")
     out = Path(args.out or f"runs/{method}-{args.domain}-{Path(model_name).name}")
     earlier = H.checkpoint_path(out / "checkpoint") / "training.json"
     if not args.evaluate and earlier.exists():      # a rerun must be the same run (its data is checked later)
@@ -251,7 +257,7 @@ def run(args):
     H.torch.manual_seed(seed)
     if args.model is None:
         import toy_world
-        model, tokenizer = toy_world.toy_target(args.domain, device=args.device)   # one target for every --seed
+        model, tokenizer = toy_world.toy_target(args.domain, device=args.device, arch=args.arch or "llama")
     else:
         try:
             model, tokenizer = H.load_target(model_source(args), args.device)

@@ -252,7 +252,7 @@ def test_a_home_relative_model_path_is_read(capsys, no_work, tmp_path, monkeypat
 
 def test_a_rerun_with_other_flags_is_refused_before_any_work(capsys, tmp_path, monkeypatch):
     model, tok = make_model(), make_tokenizer()
-    monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None: (model, tok))
+    monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None, arch="llama": (model, tok))
     monkeypatch.setattr(H, "ravel_examples", lambda domain, split, *a, **k: EXAMPLES)
     cli.main(["--domain", "city", "--epochs", "1", "--out", str(tmp_path / "run")])
     for name in ("toy_target", "load_target"):
@@ -302,3 +302,12 @@ def test_a_second_ctrl_c_stops_at_once():
             for _ in range(1000):                           # the signal lands at the next bytecode boundary
                 time.sleep(0.001)
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_an_unsupported_architecture_and_arch_with_model_are_refused_before_loading(capsys, no_work, tmp_path):
+    from transformers import OPTConfig
+    OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4).save_pretrained(tmp_path / "opt")
+    message = refused(capsys, ["--model", str(tmp_path / "opt"), "--out", str(tmp_path / "o")])
+    assert "does not support the 'opt' architecture" in message and "GPT-2" in message
+    make_model().save_pretrained(tmp_path / "m")
+    assert "drop --arch" in refused(capsys, ["--model", str(tmp_path / "m"), "--arch", "gpt2", "--out", str(tmp_path / "o")])

@@ -181,7 +181,7 @@ def test_all_target_knows_its_domains_and_ravel_examples_respects_them(tiny_all,
 def test_command_line_domain_all_trains_one_model_on_the_all_world(tiny_all, tmp_path, monkeypatch):
     import cli
     import hyperdas
-    monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None: tiny_all if domain == "all" else None)
+    monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None, arch="llama": tiny_all if domain == "all" else None)
     monkeypatch.setattr(hyperdas, "filter_examples", lambda pairs, model, tokenizer: pairs)  # 3 steps know nothing
     every = {a for attributes in ravel_data.DEFAULT_ATTRIBUTES.values() for a in attributes}
     for method in ("hyperdas", "das"):
@@ -190,3 +190,26 @@ def test_command_line_domain_all_trains_one_model_on_the_all_world(tiny_all, tmp
         assert (results["method"], results["domain"], results["model"]) == (method, "all", "toy-all")
         assert set(results["mode"]["soft"]["per_attribute"]) == every          # 20 attributes, one model
         assert (tmp_path / method / "results.json").exists()
+
+
+def test_the_gpt2_world_is_a_gpt2_with_its_own_cache_entry_and_runs_from_the_command_line(tmp_path, monkeypatch):
+    """--arch gpt2: the same world on GPT-2's architecture, cached apart from the Llama one, trained and
+    scored end to end by the command line for both methods (3 steps: the wiring, not the numbers)."""
+    import cli
+    import hyperdas
+    from transformers import GPT2LMHeadModel
+    tiny = dict(n_entities=10, steps=12, progress=False, cache_dir=tmp_path / "cache")
+    model, tokenizer = toy_world.toy_target("verb", arch="gpt2", **tiny)
+    assert isinstance(model, GPT2LMHeadModel) and model.config.n_layer == toy_world.GPT2_MODEL["n_layer"]
+    assert toy_world.target_folder("verb", arch="gpt2", **{k: v for k, v in tiny.items() if k != "progress"}) != \
+        toy_world.target_folder("verb", **{k: v for k, v in tiny.items() if k != "progress"})
+    with pytest.raises(ValueError, match="Unknown toy architecture 'bert'"):
+        toy_world.toy_target("verb", arch="bert", **tiny)
+    seen = []
+    monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None, arch="llama": seen.append(arch) or (model, tokenizer))
+    monkeypatch.setattr(hyperdas, "filter_examples", lambda pairs, model, tokenizer: pairs)
+    for method in ("hyperdas", "das"):
+        results = cli.main(["--domain", "verb", "--arch", "gpt2", "--method", method, "--n_train", "48",
+                            "--n_test", "32", "--epochs", "1", "--out", str(tmp_path / method)])
+        assert results["model"] == "toy-verb-gpt2" and results["mode"]["soft"]["n"] > 0
+    assert seen == ["gpt2", "gpt2"]

@@ -5,7 +5,9 @@ No pretrained weights can be downloaded here, yet HyperDAS needs a target model 
 for its interventions to mean anything. So we train one in a few CPU minutes:
 
     tokenizer  a byte-level BPE (4,096 tokens) trained on the text below
-    model      LlamaForCausalLM, hidden 128, 4 layers, 4 query heads sharing 2 key/value heads (GQA)
+    model      LlamaForCausalLM, hidden 128, 4 layers, 4 query heads sharing 2 key/value heads (GQA);
+               or, with arch="gpt2", a GPT2LMHeadModel of the same depth and width (learned absolute
+               positions, layer norms with biases, a plain GELU MLP), to show the method is not tied to Llama
     facts      BOS + template % entity + separator + value, for every attribute template of the
                target attributes (all template splits: this is the model's knowledge), with the loss
                on the answer tokens only
@@ -58,6 +60,10 @@ RECIPE_VERSION = 2    # 2: answers are exactly their own tokens (hyperdas.answer
 # The model: design notes §3 found hidden 256 slower per step and no faster to learn, so stay at 128.
 MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=False)
+# The same world on GPT-2's architecture: 4 layers, hidden 128, 4 heads, its 4x MLP, no dropout (as the Llama).
+GPT2_MODEL = dict(n_embd=128, n_layer=4, n_head=4, n_inner=512, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0,
+                  attn_pdrop=0.0, tie_word_embeddings=False)
+ARCHS = ("llama", "gpt2")
 VOCAB_SIZE = 4096
 SPECIAL_TOKENS = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
@@ -221,12 +227,14 @@ def train_tokenizer(texts):
     return PreTrainedTokenizerFast(tokenizer_object=bpe, padding_side="left", **SPECIAL_TOKENS)
 
 
-def new_model(tokenizer, seed):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **MODEL)
+def new_model(tokenizer, seed, arch="llama"):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    if arch == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(**ids, **GPT2_MODEL))
+    return LlamaForCausalLM(LlamaConfig(**ids, **MODEL))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -433,8 +441,10 @@ def entity_count(dom, n):
     return None if n is not None and n >= len(dom.entities) else n
 
 
-def world_spec(domain, attributes=None, n_entities=None, steps=None, seed=0, cache_dir=None, data=None):
+def world_spec(domain, attributes=None, n_entities=None, steps=None, seed=0, cache_dir=None, data=None, arch="llama"):
     """toy_target's arguments resolved and checked: (cache folder, cache key, RAVEL domain(s))."""
+    if arch not in ARCHS:
+        raise ValueError(f"Unknown toy architecture {arch!r}; choose {' or '.join(ARCHS)}.")
     if domain == "all":
         if attributes is not None:
             raise ValueError("attributes cannot be chosen for the 'all' world: it is taught each domain's defaults.")
@@ -456,9 +466,9 @@ def world_spec(domain, attributes=None, n_entities=None, steps=None, seed=0, cac
         raise ValueError(f"steps={steps} must be at least 1.")
 
     key = dict(recipe=RECIPE_VERSION, domain=domain, attributes=attributes, n_entities=n_entities,
-               steps=steps, seed=seed)
+               steps=steps, seed=seed, **({} if arch == "llama" else {"arch": arch}))   # Llama keys as before
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    folder = cache_root(cache_dir) / f"{domain}-{digest}"
+    folder = cache_root(cache_dir) / f"{domain}-{'' if arch == 'llama' else arch + '-'}{digest}"
     return folder, key, doms if domain == "all" else dom
 
 
@@ -468,8 +478,8 @@ def target_folder(domain, **kwargs):
 
 
 def toy_target(domain, attributes=None, n_entities=None, steps=None, seed=0, cache_dir=None, data=None,
-               progress=True, device=None):
-    """A small LlamaForCausalLM and its tokenizer that know the RAVEL facts of `domain` ("all": of all five
+               progress=True, device=None, arch="llama"):
+    """A small LlamaForCausalLM (arch="gpt2": GPT2LMHeadModel) and its tokenizer that know the RAVEL facts of `domain` ("all": of all five
     domains at once, ALL_ENTITIES of each, with n_entities, when given, the size of every domain's subset).
 
     attributes: the attributes taught as facts (default ravel_data.DEFAULT_ATTRIBUTES[domain]).
@@ -481,14 +491,14 @@ def toy_target(domain, attributes=None, n_entities=None, steps=None, seed=0, cac
     CPU) in eval mode. `model.config.toy_world` records its entities, held-out templates and accuracy.
     With progress, a bar shows training and the accuracy report is printed (also when loaded).
     """
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-    folder, key, doms = world_spec(domain, attributes, n_entities, steps, seed, cache_dir, data)
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    folder, key, doms = world_spec(domain, attributes, n_entities, steps, seed, cache_dir, data, arch)
     attributes, n_entities, steps = key["attributes"], key["n_entities"], key["steps"]
     dom = doms
     if (folder / "config.json").exists():
         try:
             with quiet_transformers(not progress):
-                model = LlamaForCausalLM.from_pretrained(folder).eval()
+                model = AutoModelForCausalLM.from_pretrained(folder).eval()
             tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
         except Exception as err:      # whatever a damaged file raises (tokenizers raises a bare Exception)
             print(f"the cached toy target in {folder} is damaged ({str(err).strip().splitlines()[0]}); "
@@ -546,7 +556,7 @@ def build(folder, key, domain, doms, seed, progress, device):
         rng = random.Random(f"tokenizer/{seed}")
         corpus = [render(*world.fact(rng)) for _ in range(20000)] + [world.text(rng) for _ in range(5000)]
         tokenizer = train_tokenizer(corpus)
-    model = new_model(tokenizer, seed)
+    model = new_model(tokenizer, seed, key.get("arch", "llama"))
     spent = train(model, tokenizer, world, steps, seed, progress, partial)
     info = dict(key, entities=world.entities, held_out_templates=world.held_out,
                 train_seconds=spent, accuracy=report(world, model, tokenizer, seed))
@@ -584,12 +594,13 @@ def main():
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps (default: DEFAULT_STEPS, 1000 for verb, 2500 for all, 1500 otherwise)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world, tokenizer and weights")
+    parser.add_argument("--arch", default="llama", choices=ARCHS, help="the target's architecture (default: llama)")
     parser.add_argument("--cache_dir", default=None,
                         help="cache folder (default: $HYPERDAS_CACHE, else ~/.cache/hyperdas/toy)")
     parser.add_argument("--data", default=None, help="RAVEL data.tgz or data/ folder (default $RAVEL_DATA)")
     args = parser.parse_args()
     model, tokenizer = toy_target(args.domain, args.attributes, args.n_entities, args.steps, args.seed,
-                                  args.cache_dir, args.data)
+                                  args.cache_dir, args.data, arch=args.arch)
     print(f"{model.num_parameters():,} parameters, vocabulary {len(tokenizer):,}")
 
 
