@@ -11,8 +11,9 @@ Given a concept ("the country of a city"), a base prompt ("Vienna is in") and a 
       subspace and keep their own outside it.
 It is trained so the model's answer changes exactly as the counterfactual says (cause) and nothing
 else changes (isolate). The file follows that order: configuration, target model access, the
-hypernetwork's building blocks, steps 1-4, loss, scores, checkpoints, the `HyperDAS` class, the DAS
-baseline (the command line is cli.py). Importing it has no side effects.
+hypernetwork's building blocks, steps 1-4, loss, scores, checkpoints, several processes (torchrun), the
+training loop, the `HyperDAS` class, the DAS baseline (the command line is cli.py). Importing it has no
+side effects.
 """
 import contextlib
 import hashlib
@@ -904,11 +905,13 @@ def load_weights(hd, path):
 # ----------------------------------------------------------------------------------------------------
 # Several processes (torchrun). `torchrun --nproc_per_node N hyperdas.py ...` trains one hypernetwork in
 # DistributedDataParallel; the frozen target is replicated on every GPU and never wrapped. Every process
-# sees the same global batches and computes its own slice of each; DDP averages the gradients and train_step
-# scales them back to a sum, so N processes give the weights of one process with the whole batch. Evaluation is split the same way and
-# gathered. Rank 0 alone prints, shows progress and writes. DDP rather than FSDP, because the plan fits
-# one GPU: at Llama-3-8B the hypernetwork's fp32 weights, gradients and AdamW moments (51 GB) and the bf16
-# target (16 GB) fit an 80 GB GPU with checkpoint_blocks. In one process every function here is a no-op.
+# sees the same global batches and computes its own slice of each; DDP averages the gradients and
+# train_step scales them back to a sum, so N processes give the weights of one process with the whole
+# batch. Evaluation is split the same way and gathered. Rank 0 alone prints, shows progress and writes.
+# DDP rather than FSDP, because the plan is for the whole hypernetwork to fit one GPU: at Llama-3-8B its
+# fp32 weights, gradients and AdamW moments take 51 GB (44 GB with train_embedding=False) and the bf16
+# target 16 GB, an estimate that leaves an 80 GB GPU 13-20 GB for activations, which checkpoint_blocks
+# and grad_accum shrink. In one process every function here is a no-op.
 
 
 def world():
