@@ -72,7 +72,14 @@ def build_parser():
     p.add_argument("--feature_dim", type=at_least(1), help="subspace dimension k (default: from the model's settings)")
     p.add_argument("--num_blocks", type=at_least(1), help="hypernetwork decoder blocks (default: from the model's settings)")
     p.add_argument("--epochs", type=at_least(1), help="training epochs (default: from the model's settings)")
-    p.add_argument("--batch_size", type=at_least(1), help="batch size (default: from the model's settings)")
+    p.add_argument("--batch_size", type=at_least(1), help="batch size (default: from the model's settings); under "
+                   "torchrun the global batch, split over the processes")
+    p.add_argument("--grad_accum", type=at_least(1), default=1, help="micro-batches per optimizer step, gradients "
+                   "summed: the same step in 1/K of the activation memory (batch_size must divide; default: 1)")
+    p.add_argument("--checkpoint_blocks", action="store_true", help="recompute each hypernetwork block's "
+                   "activations during backward instead of keeping them (less memory, ~1/3 more block compute)")
+    p.add_argument("--freeze_embedding", action="store_true", help="keep the hypernetwork's embedding copy fixed "
+                   "(no gradient, no AdamW moments: 525 M parameters at Llama-3-8B)")
     p.add_argument("--lr", type=positive, help="hypernetwork learning rate (default: from the model's settings)")
     p.add_argument("--n_train", type=at_least(1), help="RAVEL pairs generated for training, before the model "
                    f"filter (default: {SIZES['train']}, per domain for all)")
@@ -95,7 +102,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     import hyperdas as H     # torch loads here, after --help and any bad flag were answered
     try:
-        return run(args)
+        with H.processes(args.device) as device:     # under torchrun: join the others, take this rank's GPU
+            args.device = device
+            return run(args)
     except (ValueError, FileNotFoundError) as err:   # bad input: one line, no traceback
         raise SystemExit(f"error: {err}") from None
     except KeyboardInterrupt as err:                 # a loop that saved says how to resume
@@ -225,6 +234,9 @@ def preflight(args):
         settings = {k: saved[k] for k in ("layer", "feature_dim", "num_blocks", "lr")}
         why = f"the checkpoint's, {args.model_path}"
     settings.update(flags)
+    if not args.evaluate:
+        settings.update(checkpoint_blocks=args.checkpoint_blocks, train_embedding=not args.freeze_embedding)
+        H.check_batch(settings["batch_size"], args.grad_accum)
     n, d = config.num_hidden_layers, config.hidden_size
     if not settings["layer"] < n:
         raise ValueError(f"--layer {settings['layer']} is out of range: this model has {n} decoder layers, so "
@@ -250,42 +262,48 @@ def preflight(args):
 
 
 def run(args):
+    """Under torchrun every process runs this: rank 0 first fetches and builds what the others then read
+    from its caches, computes the pairs for all, and alone prints and writes."""
     start = time.time()
-    plan = preflight(args)
-    seed = plan["seed"]
-    random.seed(seed)
-    H.torch.manual_seed(seed)
-    if args.model is None:
-        import toy_world
-        model, tokenizer = toy_world.toy_target(args.domain, device=args.device, arch=args.arch or "llama")
-    else:
-        try:
-            model, tokenizer = H.load_target(model_source(args), args.device)
-        except OSError as err:
-            raise ValueError(f"--model {args.model}: cannot load it ({str(err).strip().splitlines()[0]}).") from None
+    with H.main_first():
+        plan = preflight(args)
+        seed = plan["seed"]
+        random.seed(seed)
+        H.torch.manual_seed(seed)
+        if args.model is None:
+            import toy_world      # one target for every --seed
+            model, tokenizer = toy_world.toy_target(args.domain, device=args.device, arch=args.arch or "llama")
+        else:
+            try:
+                model, tokenizer = H.load_target(model_source(args), args.device)
+            except OSError as err:
+                raise ValueError(f"--model {args.model}: cannot load it ({str(err).strip().splitlines()[0]}).") from None
     settings, out = plan["settings"], plan["out"]
-    print(f"settings ({plan['why']}; flags override): " + ", ".join(f"{k} {v}" for k, v in settings.items()),
-          file=sys.stderr)
-    test = H.ravel_examples(args.domain, "test", model, tokenizer, args.n_test, seed)
+    if H.is_main():
+        print(f"settings ({plan['why']}; flags override): " + ", ".join(f"{k} {v}" for k, v in settings.items()),
+              file=sys.stderr)
+    test = H.from_main(lambda: H.ravel_examples(args.domain, "test", model, tokenizer, args.n_test, seed))
     if args.evaluate:
         hd = H.HyperDAS.load(args.model_path, model, tokenizer)
     else:
         epochs, batch_size = settings.pop("epochs"), settings.pop("batch_size")
-        train = H.ravel_examples(args.domain, "train", model, tokenizer, args.n_train, seed)
+        train = H.from_main(lambda: H.ravel_examples(args.domain, "train", model, tokenizer, args.n_train, seed))
         if plan["method"] == "das":
             settings.pop("num_blocks")
             hd = H.DAS(model, tokenizer, attributes=sorted({ravel_data.concept(e) for e in train}), seed=seed, **settings)
         else:
             hd = H.HyperDAS(model, tokenizer, seed=seed, **settings)
-        hd.train(train, epochs=epochs, batch_size=batch_size, out_dir=out / "checkpoint", save_every=args.save_every)
+        hd.train(train, epochs=epochs, batch_size=batch_size, out_dir=out / "checkpoint", save_every=args.save_every,
+                 grad_accum=args.grad_accum)
     modes = H.MODES if hd.method == "hyperdas" else ("soft",)   # DAS positions are one-hot already
     results = {"method": hd.method, "domain": args.domain, "model": plan["model_name"],
                "mode": {m: hd.evaluate(test, mode=m) for m in modes}}
     results["averages"] = ("cause, isolate, disentangle: macro over attributes, then domains (the paper's number); "
                            "pooled: over examples")
     results["seconds"] = round(time.time() - start, 1)
-    H.print_table(results)
-    H.atomic_write(out / "results.json", lambda p: p.write_text(json.dumps(results, indent=2)))
-    saved = "" if args.evaluate else f" and the checkpoint in {out / 'checkpoint'}"
-    print(f"\nsaved {out / 'results.json'}{saved} ({results['seconds']} s)")
+    if H.is_main():
+        H.print_table(results)
+        H.atomic_write(out / "results.json", lambda p: p.write_text(json.dumps(results, indent=2)))
+        saved = "" if args.evaluate else f" and the checkpoint in {out / 'checkpoint'}"
+        print(f"\nsaved {out / 'results.json'}{saved} ({results['seconds']} s)")
     return results

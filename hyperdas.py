@@ -11,8 +11,9 @@ Given a concept ("the country of a city"), a base prompt ("Vienna is in") and a 
       subspace and keep their own outside it.
 It is trained so the model's answer changes exactly as the counterfactual says (cause) and nothing
 else changes (isolate). The file follows that order: configuration, target model access, the
-hypernetwork's building blocks, steps 1-4, loss, scores, checkpoints, the `HyperDAS` class, the DAS
-baseline (the command line is cli.py). Importing it has no side effects.
+hypernetwork's building blocks, steps 1-4, loss, scores, checkpoints, several processes (torchrun), the
+training loop, the `HyperDAS` class, the DAS baseline (the command line is cli.py). Importing it has no
+side effects.
 """
 import contextlib
 import hashlib
@@ -30,6 +31,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 
 if __name__ == "__main__":   # the command line (cli.py) reads its flags before torch is imported: seconds
@@ -38,10 +40,13 @@ if __name__ == "__main__":   # the command line (cli.py) reads its flags before 
     sys.exit()
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 import ravel_data
@@ -69,6 +74,10 @@ class HyperDASConfig:
     bidding_threshold: float = 0.1  # a source token must beat max(keep share, threshold) in one-to-one mode
     eval_tokens: int = 3            # exact match is judged on the first 3 answer tokens
     instruction_template: str = "{base} ; {source} - {attribute}"
+    checkpoint_blocks: bool = False # recompute each block's activations during backward instead of keeping them
+                                    # (activation checkpointing: less memory for ~1/3 more block compute)
+    train_embedding: bool = True    # False: freeze the hypernetwork's embedding copy (525 M parameters at
+                                    # Llama-3-8B), so it needs no gradient and no AdamW moments
     seed: int = 0
 
 
@@ -663,7 +672,7 @@ class ConceptEncoder(nn.Module):
             h = h + self.positions(instruction["position_ids"])
         rope = rope(instruction["position_ids"])
         for block in self.blocks:
-            h = block(h, rope, self_mask, source, base)
+            h = run_block(block, h, rope, self_mask, source, base)
         return self.norm(h)
 
 
@@ -825,19 +834,27 @@ class HyperNetwork(nn.Module):
 # steps, then a ramp).
 
 
-def prediction_loss(logits, labels, is_causal, causal_weight, isolate_weight):
+def prediction_loss(logits, labels, is_causal, causal_weight, isolate_weight, n_tokens=None):
     """Teacher-forced cross-entropy on all answer tokens, each example weighted by its kind, averaged
-    over answer tokens. logits cover the last k positions: [B, k, V]."""
+    over answer tokens: this batch's, or the n_tokens of the whole batch this one is a part of (train_step).
+    logits cover the last k positions: [B, k, V]."""
     target = answer_labels(logits, labels)                                          # [B, k-1]
     ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100, reduction="none")
     weight = torch.where(is_causal, causal_weight, isolate_weight)[:, None] * (target != -100)
-    return (ce * weight).sum() / (target != -100).sum()
+    return (ce * weight).sum() / (answer_tokens(labels) if n_tokens is None else n_tokens)
 
 
-def sparsity_loss(weights):
-    """Penalise source tokens whose total weight over base positions exceeds 1. The official loss adds
-    the whole row sum; relu(sum - 1) has the same gradient and no jump at 1."""
-    return F.relu(weights[:, :-1].sum(-1) - 1).sum(-1).mean()
+def answer_tokens(labels):
+    """How many answer tokens a batch's labels hold (the same however its rows are batched or padded)."""
+    return (labels != -100).sum()
+
+
+def sparsity_loss(weights, n_examples=None):
+    """Penalise source tokens whose total weight over base positions exceeds 1, averaged over this batch's
+    examples (or the n_examples of the whole batch). The official loss adds the whole row sum; relu(sum - 1)
+    has the same gradient and no jump at 1."""
+    per_example = F.relu(weights[:, :-1].sum(-1) - 1).sum(-1)                       # [B]
+    return per_example.sum() / (len(per_example) if n_examples is None else n_examples)
 
 
 def sparsity_weight(step, total, cfg):
@@ -1008,19 +1025,21 @@ def read_tensors(path, device="cpu"):
 
 def save_checkpoint(hd, path, optimizer=None, run=None):
     """Weights and configuration, and with an optimizer everything needed to resume: its moments, the step,
-    the history and what defines the run."""
-    state = {k: v.detach().contiguous().cpu() for k, v in hd.net.state_dict().items()}
-    info = {"method": hd.method, "config": asdict(hd.cfg), "attributes": hd.attributes, "domains": hd.domains,
-            "target": getattr(hd.model, "name_or_path", ""), "step": hd.step}
-    files = {"weights.safetensors": lambda p: save_file(state, str(p)),
-             "config.json": lambda p: p.write_text(json.dumps(info, indent=2))}
-    if optimizer is not None:
-        tensors = {f"{idx}.{k}": torch.as_tensor(v).contiguous().cpu()
-                   for idx, st in optimizer.state_dict()["state"].items() for k, v in st.items()}
-        meta = {"step": hd.step, "history": hd.history, "run": run}
-        files["optimizer.safetensors"] = lambda p: save_file(tensors, str(p))
-        files["training.json"] = lambda p: p.write_text(json.dumps(meta))
-    write_checkpoint(path, files)
+    the history and what defines the run. Under torchrun rank 0 writes while the other processes wait."""
+    if is_main():
+        state = {k: v.detach().contiguous().cpu() for k, v in hd.net.state_dict().items()}
+        info = {"method": hd.method, "config": asdict(hd.cfg), "attributes": hd.attributes, "domains": hd.domains,
+                "target": getattr(hd.model, "name_or_path", ""), "step": hd.step}
+        files = {"weights.safetensors": lambda p: save_file(state, str(p)),
+                 "config.json": lambda p: p.write_text(json.dumps(info, indent=2))}
+        if optimizer is not None:
+            tensors = {f"{idx}.{k}": torch.as_tensor(v).contiguous().cpu()
+                       for idx, st in optimizer.state_dict()["state"].items() for k, v in st.items()}
+            meta = {"step": hd.step, "history": hd.history, "run": run}
+            files["optimizer.safetensors"] = lambda p: save_file(tensors, str(p))
+            files["training.json"] = lambda p: p.write_text(json.dumps(meta))
+        write_checkpoint(path, files)
+    barrier()
 
 
 def load_checkpoint(path, model, tokenizer=None):
@@ -1052,6 +1071,151 @@ def load_weights(hd, path):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Several processes (torchrun). `torchrun --nproc_per_node N hyperdas.py ...` trains one hypernetwork in
+# DistributedDataParallel; the frozen target is replicated on every GPU and never wrapped. Every process
+# sees the same global batches and computes its own slice of each; DDP averages the gradients and
+# train_step scales them back to a sum, so N processes give the weights of one process with the whole
+# batch. Evaluation is split the same way and gathered. Rank 0 alone prints, shows progress and writes.
+# DDP rather than FSDP, because the plan is for the whole hypernetwork to fit one GPU: at Llama-3-8B its
+# fp32 weights, gradients and AdamW moments take 51 GB (44 GB with train_embedding=False) and the bf16
+# target 16 GB, an estimate that leaves an 80 GB GPU 13-20 GB for activations, which checkpoint_blocks
+# and grad_accum shrink. In one process every function here is a no-op.
+
+
+def world():
+    """(this process's rank, the number of processes): (0, 1) without torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main():
+    return world()[0] == 0
+
+
+@contextlib.contextmanager
+def processes(device=None):
+    """Inside the block, this process is one of torchrun's when its environment says WORLD_SIZE > 1: it
+    joins the process group (NCCL on CUDA, gloo on CPU) and yields its device, cuda:LOCAL_RANK on CUDA.
+    Otherwise (or when the group is already joined) it yields `device` as given."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield device
+        return
+    cuda = str(device or "cuda").startswith("cuda") and torch.cuda.is_available()
+    if cuda:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    # A long timeout: the others wait while rank 0 builds the toy target or filters the pairs (main_first).
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2), device_id=device if cuda else None)
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def split(items, n):
+    """items cut into n contiguous parts whose sizes differ by at most one: rank r takes part r."""
+    return [items[i * len(items) // n:(i + 1) * len(items) // n] for i in range(n)]
+
+
+def collective_device():
+    """Where tensors for a collective must be: this GPU for NCCL, the CPU for gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_sum(tensor):
+    """The sum over all processes of a tensor (on the collective's device; the tensor itself in one process)."""
+    if world()[1] == 1:
+        return tensor
+    total = tensor.to(collective_device(), copy=True)
+    dist.all_reduce(total)
+    return total
+
+
+def on_any(*flags):
+    """Each flag, true if it is true on any process: every process must take the same decision (to save, to
+    stop after a signal), or one would wait forever for the others at its next collective."""
+    if world()[1] == 1:
+        return flags
+    return [bool(f) for f in all_sum(torch.tensor([int(f) for f in flags])).tolist()]
+
+
+def gather(values):
+    """Every process's list, concatenated in rank order (with split(), the original order)."""
+    if world()[1] == 1:
+        return values
+    parts = [None] * world()[1]
+    dist.all_gather_object(parts, values)
+    return [v for part in parts for v in part]
+
+
+def from_main(make):
+    """make() run on rank 0 alone and its result sent to every process, e.g. the filtered pairs: every
+    process then trains on exactly the same examples."""
+    if world()[1] == 1:
+        return make()
+    box = [make() if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier():
+    if world()[1] > 1:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block first while the others wait, then they run it: rank 0 fetches or builds what
+    the others then find in its cache (RAVEL's data, the toy target, a downloaded model)."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def data_parallel(hd):
+    """hd.net in DistributedDataParallel under torchrun (None in one process). Building it sends rank 0's
+    weights to all. The gradients live in DDP's communication buckets, not in a second copy (12.7 GB at
+    Llama-3-8B). A DAS batch uses only its concepts' bases, hence find_unused_parameters there."""
+    if world()[1] == 1:
+        return None
+    return DistributedDataParallel(hd.net, device_ids=[hd.device.index] if hd.device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True, find_unused_parameters=hd.method == "das")
+
+
+@contextlib.contextmanager
+def through(hd, ddp, sync=True):
+    """Inside the block, hd.net's forward runs through the DDP wrapper (DDP averages the gradients of a
+    forward made through it, at its backward; without sync they only accumulate here, for a micro-batch
+    before the last). Everywhere else hd.net stays the plain module, so saving and evaluation see no wrapper."""
+    if ddp is None:
+        yield
+        return
+    net, hd.net = hd.net, ddp
+    try:
+        with contextlib.nullcontext() if sync else ddp.no_sync():
+            yield
+    finally:
+        hd.net = net
+
+
+def check_batch(batch_size, grad_accum=1):
+    """One line if a global batch does not split evenly over the processes and then into micro-batches."""
+    n = world()[1]
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum={grad_accum} must be at least 1.")
+    if n > 1 and batch_size % n:
+        raise ValueError(f"batch_size {batch_size} does not split over {n} processes: give a multiple of {n} "
+                         f"(each process takes batch_size / {n} examples of every batch).")
+    if batch_size // n % grad_accum:
+        share = f"each process's {batch_size // n} examples do" if n > 1 else f"batch_size {batch_size} does"
+        raise ValueError(f"{share} not split into grad_accum={grad_accum} equal micro-batches: give a "
+                         f"batch_size that is a multiple of {n * grad_accum}.")
+
+
+# ----------------------------------------------------------------------------------------------------
 # The training loop (§3): AdamW on the prediction and sparsity losses, with checkpoints and resume.
 
 
@@ -1079,10 +1243,13 @@ def deferred_interrupts():
 
 
 def train_loop(hd, examples, epochs, batch_size, eval_data=None, eval_every=0, out_dir=None, save_every=0,
-               progress=True):
-    """Train hd.net for `epochs` over `examples` (a fresh order each epoch, seeded). With out_dir, save every
-    `save_every` (steps, or {"seconds": s} of wall time), at the end, and on Ctrl-C or SIGTERM,
-    which then stop the run after its current step; a saved run is resumed if it is this one, else refused."""
+               progress=True, grad_accum=1):
+    """Train hd.net for `epochs` over `examples` (a fresh order each epoch, seeded), each step on batch_size
+    examples in grad_accum micro-batches (train_step). With out_dir, save every `save_every` (steps, or
+    {"seconds": s} of wall time), at the end, and on Ctrl-C or SIGTERM, which then stop the run after its
+    current step; a saved run is resumed if it is this one, else refused. Under torchrun batch_size is the
+    global batch, split over the processes."""
+    check_batch(batch_size, grad_accum)
     steps_per_epoch = math.ceil(len(examples) / batch_size)
     total = epochs * steps_per_epoch
     run = json.loads(json.dumps(dict(method=hd.method, config=asdict(hd.cfg), attributes=hd.attributes,
@@ -1091,18 +1258,23 @@ def train_loop(hd, examples, epochs, batch_size, eval_data=None, eval_every=0, o
     every = save_every if isinstance(save_every, dict) else {"steps": save_every} if save_every else {}
     opt = hd.make_optimizer()
     hd.step, hd.history = 0, []          # a new run, also for a loaded HyperDAS, unless this one resumes
-    if out_dir and (checkpoint_path(out_dir) / "training.json").exists():
+    with main_first():                   # checkpoint_path may take back a half-switched save: once
+        saved = out_dir and (checkpoint_path(out_dir) / "training.json").exists()
+    if saved:
         resume(hd, out_dir, opt, run)
-        print(f"resuming {out_dir} at step {hd.step} of {total}", file=sys.stderr)
+        if is_main():
+            print(f"resuming {out_dir} at step {hd.step} of {total}", file=sys.stderr)
+    ddp = data_parallel(hd)
     hd.net.train()
     last_save = time.time()
-    bar = tqdm(range(hd.step, total), initial=hd.step, total=total, disable=not progress, desc="train")
+    bar = tqdm(range(hd.step, total), initial=hd.step, total=total, disable=not progress or not is_main(),
+               desc="train")
     with deferred_interrupts() if out_dir else contextlib.nullcontext([]) as stop:
         for step in bar:
             epoch, i = divmod(step, steps_per_epoch)
             order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(hd.cfg.seed + epoch))
             record = train_step(hd, [examples[j] for j in order[i * batch_size:(i + 1) * batch_size]], opt,
-                                sparsity_weight(step, total, hd.cfg))
+                                sparsity_weight(step, total, hd.cfg), grad_accum, ddp)
             hd.step = step + 1
             record = dict(step=hd.step, **record)
             if eval_data is not None and eval_every and hd.step % eval_every == 0:   # never at step 0
@@ -1112,10 +1284,11 @@ def train_loop(hd, examples, epochs, batch_size, eval_data=None, eval_every=0, o
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             due = hd.step % every.get("steps", 0) == 0 if "steps" in every else \
                 time.time() - last_save >= every.get("seconds", math.inf)
-            if out_dir and (due or hd.step == total or stop):
+            due, stopping = on_any(due, bool(stop))
+            if out_dir and (due or hd.step == total or stopping):
                 save_checkpoint(hd, out_dir, opt, run)
                 last_save = time.time()
-            if stop:
+            if stopping:
                 bar.close()
                 raise KeyboardInterrupt(f"stopped at step {hd.step} of {total} and saved {out_dir}; "
                                         "run the same command again to resume")
@@ -1123,17 +1296,45 @@ def train_loop(hd, examples, epochs, batch_size, eval_data=None, eval_every=0, o
     return hd.history
 
 
-def train_step(hd, examples, optimizer, w_sparse):
-    """One optimisation step: L = prediction + w_sparse * sparsity, gradient clipping, AdamW."""
-    logits, labels, is_causal, weights = hd.forward(examples)
-    prediction = prediction_loss(logits, labels, is_causal, hd.cfg.causal_weight, hd.cfg.isolate_weight)
-    sparse = sparsity_loss(weights)
-    loss = prediction + w_sparse * sparse
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(hd.trainable_parameters(), hd.cfg.grad_clip)
+def run_block(block, *inputs):
+    """block(*inputs). With checkpoint_blocks (HyperDAS.build sets block.checkpointed) and gradients on, the
+    block's activations, above all its normed k/v of both prompts' every-layer states, are not kept for
+    backward but recomputed there from the inputs: the memory of one block instead of N."""
+    if getattr(block, "checkpointed", False) and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False)
+    return block(*inputs)
+
+
+def train_step(hd, examples, optimizer, w_sparse, grad_accum=1, ddp=None):
+    """One optimisation step on a batch: L = prediction + w_sparse * sparsity, gradient clipping, AdamW.
+
+    This process computes its share of the batch (all of it, or its rank's slice under torchrun) in
+    grad_accum micro-batches, each backward before the next forward, so that only one micro-batch's
+    activations are alive at a time. Both losses are means over the whole batch (prediction over its
+    answer tokens, sparsity over its examples), so each micro-batch's sums are divided by the whole batch's
+    counts: the gradients summed over micro-batches and processes are those of one pass over the batch."""
+    rank, n = world()
+    share = split(examples, n)[rank]
+    # A process whose slice of an epoch's short last batch is empty must still take part in DDP's gradient
+    # sum: it runs one example with weight 0.
+    weight = 1.0 if share else 0.0
+    batches = [hd.collate(part) for part in split(share or examples[:1], grad_accum) if part]
+    n_tokens = all_sum(weight * sum(answer_tokens(b["base"]["labels"]) for b in batches))
+    sums = 0
+    for j, batch in enumerate(batches):
+        with through(hd, ddp, sync=j == len(batches) - 1):
+            logits, labels, is_causal, weights = hd.forward(batch)
+            prediction = weight * prediction_loss(logits, labels, is_causal, hd.cfg.causal_weight,
+                                                  hd.cfg.isolate_weight, n_tokens)
+            sparse = weight * sparsity_loss(weights, len(examples))
+            (n * (prediction + w_sparse * sparse)).backward()     # x n: DDP averages, a sum is wanted
+        sums = sums + torch.stack((prediction, sparse)).detach()
+    prediction, sparse = all_sum(sums).tolist()
+    grad_norm = torch.nn.utils.clip_grad_norm_(hd.trainable_parameters(), hd.cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return dict(loss=loss.item(), prediction=prediction.item(), sparsity=sparse.item(), sparsity_weight=w_sparse)
+    return dict(loss=prediction + w_sparse * sparse, prediction=prediction, sparsity=sparse,
+                sparsity_weight=w_sparse, grad_norm=grad_norm.item())
 
 
 def fingerprint(examples):
@@ -1205,7 +1406,13 @@ class HyperDAS:
         self.step, self.history = 0, []
 
     def build(self):
-        return HyperNetwork(self.model, self.cfg)
+        net = HyperNetwork(self.model, self.cfg)
+        for module in net.modules():
+            if isinstance(module, Block):              # read by run_block
+                module.checkpointed = self.cfg.checkpoint_blocks
+            if isinstance(module, nn.Embedding):       # the instruction's embedding, copied from the target
+                module.weight.requires_grad_(self.cfg.train_embedding)
+        return net
 
     # -- the method on a batch: steps 1-4 -------------------------------------------------------------
 
@@ -1233,7 +1440,8 @@ class HyperDAS:
             return self.model(**target_inputs(base), logits_to_keep=keep or 0).logits
 
     def forward(self, examples, mode="soft"):
-        batch = self.collate(examples)
+        """examples: a list of examples, or the batch collate() made of them."""
+        batch = examples if isinstance(examples, dict) else self.collate(examples)
         with self.autocast():
             weights, basis, h_source = self.plan(batch)
             weights = harden(weights, mode, self.cfg.bidding_threshold)
@@ -1256,7 +1464,8 @@ class HyperDAS:
         params = self.trainable_parameters()
         groups = [dict(params=[p for p in params if id(p) in basis], lr=self.cfg.basis_lr, weight_decay=0.0),
                   dict(params=[p for p in params if id(p) not in basis], lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)]
-        return torch.optim.AdamW([g for g in groups if g["params"]])
+        cuda = bool(params) and all(p.is_cuda for p in params)     # fused: one kernel for all parameters
+        return torch.optim.AdamW([g for g in groups if g["params"]], fused=True if cuda else None)
 
     def examples(self, data, split):
         """A list of examples, or a RAVEL domain by name or path ("city", "data/ravel/city"): its pairs,
@@ -1271,10 +1480,11 @@ class HyperDAS:
         if str(path.parent) not in ("", "."):
             with contextlib.suppress(FileNotFoundError, RuntimeError):
                 folder = ravel_data.data_dir(path.parent)
-        return ravel_examples(path.name, split, self.model, self.tokenizer, seed=self.cfg.seed, data=folder)
+        return from_main(lambda: ravel_examples(path.name, split, self.model, self.tokenizer, seed=self.cfg.seed,
+                                                data=folder))
 
     def train(self, data=None, epochs=5, batch_size=32, eval_data=None, eval_every=0, out_dir=None, save_every=0,
-              progress=True, dataset_path=None):
+              progress=True, dataset_path=None, grad_accum=1):
         """Train on examples or a RAVEL domain (`data` or `dataset_path`, see examples()); see train_loop."""
         if data is None and dataset_path is None:
             raise ValueError("No training data: pass a list of examples or dataset_path='city' (a RAVEL domain).")
@@ -1286,7 +1496,8 @@ class HyperDAS:
         if self.method == "hyperdas":
             self.attributes = sorted(set(self.attributes) | {ravel_data.concept(e) for e in examples})
         self.domains = sorted(set(self.domains) | {e["domain"] for e in examples if e.get("domain")})
-        return train_loop(self, examples, epochs, batch_size, eval_data, eval_every, out_dir, save_every, progress)
+        return train_loop(self, examples, epochs, batch_size, eval_data, eval_every, out_dir, save_every, progress,
+                          grad_accum)
 
     @torch.no_grad()
     def evaluate(self, data, mode="soft", batch_size=32, progress=True):
@@ -1298,14 +1509,16 @@ class HyperDAS:
     @torch.no_grad()
     def correct(self, examples, mode="soft", batch_size=32, progress=False):
         """Per example: does the intervened model produce its label? In input order, so a short last
-        batch cannot be mapped to the wrong rows (an official evaluation bug)."""
+        batch cannot be mapped to the wrong rows (an official evaluation bug). Under torchrun each process
+        judges its slice (batch_size at a time) and every process gets the whole list back."""
         check_mode(mode)
         self.net.eval()
-        result = []
-        for i in tqdm(range(0, len(examples), batch_size), disable=not progress, desc=f"eval {mode}"):
-            logits, labels, _, _ = self.forward(examples[i:i + batch_size], mode)
+        rank, n = world()
+        mine, result = split(examples, n)[rank], []
+        for i in tqdm(range(0, len(mine), batch_size), disable=not progress or rank > 0, desc=f"eval {mode}"):
+            logits, labels, _, _ = self.forward(mine[i:i + batch_size], mode)
             result += answer_correct(logits, labels, self.cfg.eval_tokens).tolist()
-        return result
+        return gather(result)
 
     # -- using a trained HyperDAS -------------------------------------------------------------------
 
@@ -1387,6 +1600,10 @@ class DASNetwork(nn.Module):
         self.attributes = list(attributes)
         self.bases = nn.ModuleList(orthonormal_basis(d, k) for _ in self.attributes)
 
+    def forward(self, concepts):
+        """The basis of each example's concept: [B, d, k]."""
+        return torch.stack([basis_weight(self.bases[self.attributes.index(c)]) for c in concepts])
+
 
 class DAS(HyperDAS):
     """Same pairs, loss, training and evaluation as HyperDAS; only steps 1-3 differ: the positions are
@@ -1415,8 +1632,7 @@ class DAS(HyperDAS):
         weights[:, Ts] = 1.0                                    # keep the base everywhere ...
         weights[rows, Ts, j] = 0.0                              # ... except at its last entity token,
         weights[rows, last_visible(source["visible"]), j] = 1.0  # which takes the source's last entity token
-        basis = torch.stack([basis_weight(self.net.bases[self.attributes.index(c)]) for c in batch["concepts"]])
-        return weights, basis, h_source
+        return weights, self.net(batch["concepts"]), h_source     # through forward, which DDP sees (torchrun)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -138,7 +138,7 @@ def test_a_copied_block_without_cross_attention_computes_the_target_layer(name, 
     torch.testing.assert_close(enc.norm(x), H.final_norm(model)(x), atol=1e-5, rtol=1e-5)
     # What the encoder's first block reads is the instruction's hidden_states[0] in the target.
     instruction, seen = H.tokenize(tok, ["Vienna ; Paris - Country"]), []
-    memory = H.memory(hs[:1, :, :, :], torch.ones(1, 9, dtype=torch.bool))
+    memory = H.memory(torch.stack(hs, 2)[:1], torch.ones(1, 9, dtype=torch.bool))
     handle = enc.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     enc(instruction, memory, memory)
     handle.remove()
