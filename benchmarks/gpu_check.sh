@@ -18,7 +18,8 @@ if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
   echo "no GPU: torch sees no CUDA device here, so there is nothing to check (CPU tests: python -m pytest -q)"
   exit 0
 fi
-GPU=$("$PY" -c "import torch, transformers; print(torch.cuda.get_device_name(0), '| torch', torch.__version__, '| transformers', transformers.__version__)")
+GPU=$("$PY" -c "import torch, transformers as tf
+print(torch.cuda.get_device_name(0), '| torch', torch.__version__, '| transformers', tf.__version__)")
 LOGS=$(mktemp -d)
 START=$SECONDS
 ROWS=()

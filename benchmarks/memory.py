@@ -4,7 +4,7 @@
     python benchmarks/memory.py --model llama3-8b --checkpoint_blocks --freeze_embedding
     python benchmarks/memory.py --config path/to/config.json --blocks 4 --batch 8
 
-The target (its published configuration, random weights) and the hypernetwork are built on the meta
+The target (its published configuration) and the hypernetwork are built without weights on the meta
 device, so this runs in seconds on any machine and counts every parameter exactly. Activations are an
 analytic estimate: the tensors each operation saves for the backward pass under bf16 autocast, written
 out below, formula by formula. With CUDA the script also trains 3 steps on random bf16 weights and
@@ -302,7 +302,8 @@ def sdpa_probe(B, n, tk, heads, kv_heads, head_dim):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         else:
             rep = heads // kv_heads
-            o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
+            o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                               attn_mask=mask)                  # K/V: [B, heads, tk, dh]
         o.float().sum().backward()
         torch.cuda.synchronize()
         out[mode] = torch.cuda.max_memory_allocated() - base
@@ -335,7 +336,8 @@ def check_on_cpu(lv):
     batch = hd.collate(targets.synthetic_examples(B, T, n))
     held = {t.untyped_storage().data_ptr() for t in itertools.chain(hd.net.parameters(), hd.net.buffers(),
                                                                     model.parameters(), model.buffers())}
-    weight_shapes = {s for m in hd.net.modules() if isinstance(m, nn.Linear) for s in (m.weight.shape, m.weight.shape[::-1])}
+    weight_shapes = {shape for m in hd.net.modules() if isinstance(m, nn.Linear)
+                     for shape in (m.weight.shape, m.weight.shape[::-1])}     # a weight, or its transpose
     saved, region = {}, [None]
 
     def pack(t):
@@ -439,7 +441,8 @@ def main():
         extra = f"  ({len(params['block_params'])} x {params['block_params'][0] / 1e6:,.1f} M + final norm)" \
             if part == "blocks" else ""
         print(f"  {part:<14} {parts[part]['trainable'] / 1e6:10,.1f} M{extra}")
-    print(f"  {'total':<14} {params['trainable'] / 1e6:10,.1f} M    (target: {params['target_parameters'] / 1e9:.2f} B, frozen)")
+    print(f"  {'total':<14} {params['trainable'] / 1e6:10,.1f} M    "
+          f"(target: {params['target_parameters'] / 1e9:.2f} B, frozen)")
     print(f"\nbytes (GB = 1e9)")
     rows = [("fp32 weights and buffers (hypernetwork)", params["weight_bytes"]), ("fp32 gradients", phases["grads"]),
             ("AdamW moments (2 x fp32)", phases["moments"]), ("bf16 target", params["target_bytes"]),
@@ -479,7 +482,8 @@ def main():
         dh = getattr(config, "head_dim", None) or d // config.num_attention_heads
         probe = sdpa_probe(B, n, T * (config.num_hidden_layers + 1), config.num_attention_heads,
                            config.num_key_value_heads, dh)
-        print(f"masked cross-attention, forward + backward: repeat_interleave {probe['repeat_interleave'] / GB:.2f} GB, "
+        print(f"masked cross-attention, forward + backward: repeat_interleave "
+              f"{probe['repeat_interleave'] / GB:.2f} GB, "
               f"enable_gqa {probe['enable_gqa'] / GB:.2f} GB; fused kernel for masked GQA: "
               f"{'yes' if probe['fused_kernel'] else 'no (math fallback)'}")
         try:

@@ -106,7 +106,8 @@ def test_hypernetwork_attention_in_bf16_matches_fp32(tok):
     x, memory = torch.randn(2, n, d, device="cuda"), torch.randn(2, tk, d, device="cuda")
     mask = torch.rand(2, n, tk, device="cuda") < 0.7
     mask[:, :, 0] = True                                   # every query sees at least one item
-    pos_q, pos_k = torch.arange(n, device="cuda")[None].expand(2, -1), torch.arange(tk, device="cuda")[None].expand(2, -1)
+    pos_q = torch.arange(n, device="cuda")[None].expand(2, -1)
+    pos_k = torch.arange(tk, device="cuda")[None].expand(2, -1)
     reference = attn(x, rope(pos_q), memory, rope(pos_k), mask)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         got = attn(x, rope(pos_q), memory, rope(pos_k), mask)
