@@ -64,8 +64,9 @@ def part_of(name):
 def count_parameters(net, freeze_embedding):
     """Per part: trainable and frozen parameter bytes, and the bytes of the bf16 copies autocast makes of
     trainable Linear weights (the orthogonal basis is computed with autocast off, so it has none)."""
-    if freeze_embedding:                     # what train_embedding=False does, whether or not this code has it
-        net.encoder.embed.weight.requires_grad_(False)
+    embed = getattr(net.encoder, "embed", None)
+    if freeze_embedding and embed is not None:   # what train_embedding=False does, whether or not this code has it
+        embed.weight.requires_grad_(False)
     count = {part: dict(trainable=0, weight_bytes=0) for part, _ in PARTS + (("other", ""),)}
     for name, p in net.named_parameters():
         c = count[part_of(name)]
