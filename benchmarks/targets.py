@@ -59,13 +59,17 @@ def read_config(path):
 
 def meta_target(config):
     """The target on the meta device: shapes and parameter counts, no memory. Its rotary module is rebuilt
-    on the CPU (a few KB), since HyperNetwork reads the target's rotary frequencies."""
+    on the CPU (a few KB), since HyperNetwork reads the target's rotary frequencies, and so is a scaled
+    embedding's scale (Gemma), which it reads as a number."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     rotary = H.module_at(model, ("model.rotary_emb",))
     if rotary is not None:
         with torch.device("cpu"):
             model.model.rotary_emb = type(rotary)(config=config)
+    embed = model.get_input_embeddings()
+    if isinstance(getattr(embed, "embed_scale", None), torch.Tensor) and embed.embed_scale.is_meta:
+        embed.embed_scale = torch.tensor(config.hidden_size ** 0.5)   # Gemma's sqrt(d), read as a number
     return model
 
 
@@ -119,11 +123,16 @@ def synthetic_examples(n, length, instruction_length, seed=0):
 
 
 def code_features():
+    """Which memory levers this hyperdas.py has, read from its source: grouped_kv, K/V kept per KV head (the
+    query groups folded into the query axis, no repeat_interleave of K/V per query head); one_cast, Block.cross
+    casting the normed memory to the autocast dtype once (not k_proj and v_proj each); fused AdamW on CUDA;
+    the checkpoint_blocks and train_embedding options; gradient accumulation."""
     fields = {f.name for f in dataclasses.fields(H.HyperDASConfig)}
     source = lambda obj: inspect.getsource(obj) if obj is not None else ""
     cli = (Path(H.__file__).parent / "cli.py")
     cli_text = cli.read_text() if cli.exists() else ""
-    return dict(enable_gqa="enable_gqa" in source(H.Attention.forward),
+    return dict(grouped_kv="repeat_interleave" not in source(H.Attention.forward),
+                one_cast="get_autocast_dtype" in source(getattr(H.Block, "cross", None)),
                 fused_adamw="fused" in source(H.HyperDAS.make_optimizer),
                 checkpoint_blocks="checkpoint_blocks" in fields,
                 train_embedding="train_embedding" in fields,
@@ -147,3 +156,39 @@ def build_hyperdas(model, settings, options, device):
     keys = {f.name for f in dataclasses.fields(H.HyperDASConfig)}
     with torch.device(device):
         return H.HyperDAS(model, word_tokenizer(), **{k: v for k, v in settings.items() if k in keys}, **options)
+
+
+# ----------------------------------------------------------------------------------------------------
+# hyperdas.py's command line on a random target and synthetic pairs, for a quick run of the whole command
+# (benchmarks/gpu_check.sh runs it under torchrun):
+#
+#   torchrun --standalone --nproc_per_node 1 benchmarks/targets.py --epochs 1 --n_train 64 --n_test 32 --out DIR
+#
+# Every flag of cli.py works; only the data are stand-ins: the toy target is a random Llama of the toy's
+# shape (toy_world.MODEL, fp32, this file's word tokenizer) and RAVEL's filtered pairs are synthetic_examples
+# (a random target reproduces no RAVEL answer, so the filter would keep none). Nothing is built, read or
+# downloaded. The scores mean nothing; that the run trains, evaluates and saves, under torchrun too, does.
+
+
+def synthetic_world(length=20, instruction_length=10):
+    """Patch cli / toy_world / hyperdas so that the command line runs on the stand-ins above."""
+    import cli
+    import toy_world
+    config = make_config(dict(model_type="llama", vocab_size=toy_world.VOCAB_SIZE, **toy_world.MODEL))
+
+    def toy_target(domain, device=None, arch="llama", **_):
+        if arch != "llama":
+            raise ValueError("the synthetic world has a Llama-shaped target only")
+        return random_target(config, device or "cpu", torch.float32), word_tokenizer()
+
+    def ravel_examples(domain, split, model, tokenizer, n=None, seed=0, data=None):
+        n = n or H.SIZES[split]
+        return synthetic_examples(n, length, instruction_length, seed=seed + (split == "test"))
+    toy_world.toy_target = toy_target
+    H.ravel_examples = ravel_examples
+    cli.ravel_ready = lambda: None
+    return cli
+
+
+if __name__ == "__main__":
+    sys.exit(0 if synthetic_world().main(sys.argv[1:]) else 1)
