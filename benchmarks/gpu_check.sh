@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # The GPU checks in one run: under 8 minutes on one H100 / H200, random-weight models, nothing downloaded.
 #   1. tests      benchmarks/test_gpu.py: bf16 and CUDA correctness (bases, fp32 masters, patching, attention)
-#   2. memory     benchmarks/memory.py --model llama3-8b: the memory plan at 8 blocks, batch 16, measured;
+#   2. memory     benchmarks/memory.py --model llama3-8b: the memory plan at 8 blocks, batch 16, measured
+#                 (and one cross-attention, K/V repeat_interleave'd vs the query groups folded, as now);
 #                 and with --checkpoint_blocks --freeze_embedding when this hyperdas.py has them
-#   3. step_time  examples/s and step / bare forward at TinyLlama and Llama-3-8B shapes
-#   4. torchrun   a 1-GPU torchrun of hyperdas.py --domain verb, if hyperdas.py supports torchrun
+#   3. torchrun   hyperdas.py's command line under torchrun, one process per GPU (at most 2), on a random
+#                 toy-shaped target and synthetic pairs (benchmarks/targets.py: no data, no build, ~1 min);
+#                 with 2 GPUs, DDP over NCCL, its loss history checked against one plain process. With one
+#                 GPU, WORLD_SIZE is 1 and hyperdas.processes() joins no process group: the command's GPU
+#                 path under torchrun's environment, not DDP (test_scale.py checks DDP on CPU, over gloo)
+#   4. step_time  examples/s and step / bare forward at TinyLlama and Llama-3-8B shapes
+#   5. torchrun-verb  the same on the toy verb world (hyperdas.py --domain verb), when RAVEL's data and the
+#                 built toy target are here (building it takes minutes on CPU: python toy_world.py --domain verb)
 # Each check has its own time limit and the whole run a budget; the logs go to one folder, and a summary
 # table (with the GPU's name) ends the output. Without a GPU it says so and exits 0.
 #
@@ -61,24 +68,51 @@ if "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import targets; f = t
 else
   skip memory-levers "this hyperdas.py has no checkpoint_blocks / train_embedding yet"
 fi
+# torchrun: hyperdas.py's command line, one process per GPU (at most 2). On the synthetic world first
+# (benchmarks/targets.py patches in a random target and synthetic pairs), then on the toy verb world if
+# it is at hand. The summary picks the run's last line ("saved ... results.json ... (N s)") or its error.
+NPROC=$("$PY" -c "import torch; print(min(2, torch.cuda.device_count()))")
+RUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC")
+if (( NPROC > 1 )); then WHO="$NPROC processes, DDP over NCCL"; else WHO="1 process, no process group"; fi
+FLAGS=(--domain city --epochs 1 --n_train 64 --n_test 32 --grad_accum 2 --checkpoint_blocks --freeze_embedding
+       --device cuda)
+if ! grep -q -- '--grad_accum' cli.py 2>/dev/null; then
+  skip torchrun "cli.py has no --grad_accum flag (no torchrun support) yet"
+else
+  check torchrun 100 "grep -E '^saved |error' | tail -1 | sed -E 's/^saved .*\\((.*)\\)$/trained, evaluated, saved (\\1)/; s/^/$WHO: /'" \
+    "${RUN[@]}" benchmarks/targets.py "${FLAGS[@]}" --out "$LOGS/synthetic-torchrun"
+  if (( NPROC > 1 )); then   # DDP: the same history as one process with the whole batch
+    export PY LOGS NPROC
+    check torchrun-vs-one 120 "tail -1" bash -c '"$PY" benchmarks/targets.py "$@" --out "$LOGS/synthetic-one" \
+      > "$LOGS/synthetic-one.log" 2>&1 || { tail -3 "$LOGS/synthetic-one.log"; exit 1; }
+      "$PY" - <<"EOF"
+import json, os, sys
+logs, n = os.environ["LOGS"], os.environ["NPROC"]
+h = [[r["loss"] for r in json.load(open(f"{logs}/{d}/checkpoint/training.json"))["history"]]
+     for d in ("synthetic-one", "synthetic-torchrun")]
+gap = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(*h))
+print(f"losses of {len(h[0])} steps, 1 process vs {n}: largest relative gap {gap:.1e}")
+sys.exit(0 if len(h[0]) == len(h[1]) and gap < 2e-2 else 1)
+EOF' _ "${FLAGS[@]}"
+  fi
+fi
+
 check step_time 170 "awk '(\$1 == \"tinyllama\" || \$1 == \"llama3-8b\") && NF == 10 \
                           {printf \"%s %s ex/s, step/bare %s; \", \$1, \$8, \$10}'" \
   "$PY" benchmarks/step_time.py --shapes tinyllama llama3-8b --repeats 5
 
-# torchrun: only if hyperdas.py says it supports it (a --grad_accum flag or a mention of torchrun).
 RAVEL=${RAVEL_DATA:-}
 [ -z "$RAVEL" ] && [ -f ../shared/ravel/data.tgz ] && RAVEL=$(cd .. && pwd)/shared/ravel/data.tgz
-if ! grep -qE -- '--grad_accum|torchrun' hyperdas.py cli.py 2>/dev/null; then
-  skip torchrun "hyperdas.py / cli.py have no --grad_accum flag and no torchrun support yet"
-elif ! command -v torchrun >/dev/null; then
-  skip torchrun "no torchrun command on this machine"
-elif [ -z "$RAVEL" ] && [ ! -d "${HOME}/.cache/hyperdas/ravel" ]; then
-  skip torchrun "no RAVEL data here (set RAVEL_DATA to data.tgz); this machine cannot download it"
+[ -n "$RAVEL" ] && export RAVEL_DATA=$RAVEL
+if ! "$PY" -c "import ravel_data; ravel_data.data_dir()" >/dev/null 2>&1; then
+  skip torchrun-verb "no RAVEL data here (set RAVEL_DATA to data.tgz); this machine cannot download it"
+elif ! "$PY" -c "import sys, toy_world; sys.exit(0 if (toy_world.target_folder('verb') / 'config.json').exists() else 1)" \
+     2>/dev/null; then
+  skip torchrun-verb "the toy verb target is not built here (python toy_world.py --domain verb, minutes on CPU)"
 else
-  [ -n "$RAVEL" ] && export RAVEL_DATA=$RAVEL
-  check torchrun 120 "grep -E 'disentangle|macro|error' | tail -1" \
-    torchrun --standalone --nproc_per_node 1 hyperdas.py --domain verb --epochs 1 --n_train 300 --n_test 100 \
-    --out "$LOGS/verb-run"
+  check torchrun-verb 120 "grep -E '^soft +\\(macro|error' | tail -1 | sed -E 's/ +/ /g; s/^/$WHO; cause isolate disentangle: /'" \
+    "${RUN[@]}" hyperdas.py --domain verb --epochs 1 --n_train 200 --n_test 100 --grad_accum 2 --device cuda \
+    --out "$LOGS/verb-torchrun"
 fi
 
 echo

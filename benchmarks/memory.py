@@ -153,10 +153,10 @@ def attention_saved(b, tq, tk, d, heads, kv_heads, head_dim, lv, memory_side, so
 
 def block_saved(b, n, tk, shapes, lv):
     """One hypernetwork block on an instruction of n tokens: four RMSNorms of the fp32 residual stream
-    (each keeps its fp32 input and output, 2 x [b, n, d]; Gemma-2 has four more, after the sublayers); self-attention over the instruction (Block.forward
-    calls it directly, so q_proj, k_proj and v_proj each cast its input); two cross-attentions (Block.cross)
-    over tk = T x (layers + 1) memory items; the SwiGLU MLP (its input cast twice, and
-    gate, silu(gate), up and their product, 4 x bf16 [b, n, d_ff])."""
+    (each keeps its fp32 input and output, 2 x [b, n, d]; Gemma-2 has four more, after the sublayers);
+    self-attention over the instruction (Block.forward calls it directly, so q_proj, k_proj and v_proj each
+    cast its input); two cross-attentions (Block.cross) over tk = T x (layers + 1) memory items; the SwiGLU
+    MLP (its input cast twice, and gate, silu(gate), up and their product, 4 x bf16 [b, n, d_ff])."""
     d, ff, heads, kv_heads, dh, softcap, post_norm = shapes
     norms = 4 * 2 * FP32 * b * n * d
     if post_norm:      # Gemma-2: each sublayer's bf16 output normed again: its fp32 upcast and bf16 result
@@ -324,12 +324,14 @@ def grouped_attention(q, k, v, mask, folded):
     """Masked grouped-query attention, q [B, H, Tq, dh], k/v [B, Hkv, Tk, dh], mask [B, Tq, Tk] -> [B, H, Tq, dh],
     as hyperdas.Attention computes it (folded: the g query heads of a K/V head stacked on the query axis,
     the mask repeated to [B, 1, g*Tq, Tk]) or as the code before did (K/V repeat_interleave'd per query head)."""
-    B, H, Tq, dh = q.shape
-    g = H // k.shape[1]
+    B, heads, Tq, dh = q.shape
+    g = heads // k.shape[1]
     if folded:
-        out = F.scaled_dot_product_attention(q.reshape(B, H // g, g * Tq, dh), k, v, attn_mask=mask.repeat(1, g, 1)[:, None])
-        return out.reshape(B, H, Tq, dh)
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask[:, None])
+        out = F.scaled_dot_product_attention(q.reshape(B, heads // g, g * Tq, dh), k, v,
+                                             attn_mask=mask.repeat(1, g, 1)[:, None])
+        return out.reshape(B, heads, Tq, dh)
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
+                                          attn_mask=mask[:, None])
 
 
 def sdpa_probe(B, n, tk, heads, kv_heads, head_dim, device="cuda"):
@@ -475,7 +477,8 @@ def lever_table(config, settings, B, T, n, default):
           "three phases;\nsaves: peak against the code before (a lever that lowers another phase than the highest "
           "saves nothing alone);\nvs default: against this hyperdas.py without options "
           f"({default.name(default.code())}).")
-    print(f"  {'setting':<62} {'forward':>8} {'backward':>9} {'optimizer':>10} {'peak':>7} {'saves':>7} {'vs default':>10}")
+    print(f"  {'setting':<62} {'forward':>8} {'backward':>9} {'optimizer':>10} {'peak':>7} {'saves':>7} "
+          f"{'vs default':>10}")
     results = []
     for label, lv in rows:
         p = estimate(config, settings, B, T, n, lv)[2]
@@ -569,7 +572,8 @@ def main():
         kernel = {True: "yes", False: "no (the estimate's mask bias and logsumexp would not hold)"}
         print(f"one masked cross-attention ({n} queries x {tk} items), forward + backward, above its inputs: "
               f"repeat_interleave {probe['repeat_interleave'] / GB:.2f} GB, folded query groups "
-              f"{probe['folded'] / GB:.2f} GB; outputs and gradients differ by at most {probe['max_difference']:.2g} (bf16); "
+              f"{probe['folded'] / GB:.2f} GB; outputs and gradients differ by at most "
+              f"{probe['max_difference']:.2g} (bf16); "
               f"the efficient kernel takes the folded form: {kernel[probe['efficient_kernel']]}")
         try:
             estimated = peak
