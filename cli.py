@@ -105,11 +105,18 @@ def main(argv=None):
         with H.processes(args.device) as device:     # under torchrun: join the others, take this rank's GPU
             args.device = device
             return run(args)
-    except (ValueError, FileNotFoundError) as err:   # bad input: one line, no traceback
-        raise SystemExit(f"error: {err}") from None
+    except (ValueError, FileNotFoundError) as err:   # bad input: one line, no traceback (once under torchrun)
+        raise SystemExit(f"error: {err}" if first_process() else 1) from None
     except KeyboardInterrupt as err:                 # a loop that saved says how to resume
-        print(f"interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
+        if first_process():
+            print(f"interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def first_process():
+    """Rank 0 of torchrun's processes, or the only process (read from the environment: the process group
+    is gone by the time an error reaches main)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def model_source(args):
@@ -282,6 +289,11 @@ def run(args):
     if H.is_main():
         print(f"settings ({plan['why']}; flags override): " + ", ".join(f"{k} {v}" for k, v in settings.items()),
               file=sys.stderr)
+        if model.config.hidden_size >= 4096 and not (settings.get("checkpoint_blocks") and
+                                                     settings.get("train_embedding") is False):
+            print("memory: at this size the default needs about 74 GB of GPU memory (Llama-3-8B, batch 16); "
+                  "--checkpoint_blocks --freeze_embedding bring it to about 63 GB (benchmarks/memory.py)",
+                  file=sys.stderr)
     test = H.from_main(lambda: H.ravel_examples(args.domain, "test", model, tokenizer, args.n_test, seed))
     if args.evaluate:
         hd = H.HyperDAS.load(args.model_path, model, tokenizer)

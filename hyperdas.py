@@ -176,6 +176,10 @@ def target_rope(model):
     rotary = module_at(model, ("model.rotary_emb", "gpt_neox.rotary_emb"))
     if rotary is None:
         raise ValueError(f"Cannot find the rotary embedding of {type(model).__name__}: HyperDAS supports {SUPPORTED}.")
+    if getattr(rotary, "rope_type", "default") in ("dynamic", "longrope"):   # frequencies follow the sequence length
+        raise ValueError(f"rope_type {rotary.rope_type!r} changes the target's rotary frequencies with the sequence "
+                         "length, which the hypernetwork's memory positions would not follow exactly; HyperDAS supports "
+                         "fixed rope types (default, linear, llama3, yarn).")
     return rotary.inv_freq.detach().float().cpu(), float(getattr(rotary, "attention_scaling", 1.0))
 
 
@@ -1025,7 +1029,8 @@ def read_tensors(path, device="cpu"):
 
 def save_checkpoint(hd, path, optimizer=None, run=None):
     """Weights and configuration, and with an optimizer everything needed to resume: its moments, the step,
-    the history and what defines the run. Under torchrun rank 0 writes while the other processes wait."""
+    the history and what defines the run. Under torchrun every process calls it: rank 0 writes while the
+    others wait (a save called on rank 0 alone would wait for them forever)."""
     if is_main():
         state = {k: v.detach().contiguous().cpu() for k, v in hd.net.state_dict().items()}
         info = {"method": hd.method, "config": asdict(hd.cfg), "attributes": hd.attributes, "domains": hd.domains,
@@ -1095,10 +1100,11 @@ def is_main():
 
 @contextlib.contextmanager
 def processes(device=None):
-    """Inside the block, this process is one of torchrun's when its environment says WORLD_SIZE > 1: it
-    joins the process group (NCCL on CUDA, gloo on CPU) and yields its device, cuda:LOCAL_RANK on CUDA.
-    Otherwise (or when the group is already joined) it yields `device` as given."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    """Inside the block, a process started by torchrun (even alone: one GPU runs the same DDP path) joins
+    the process group (NCCL on CUDA, gloo on CPU) and yields its device, cuda:LOCAL_RANK on CUDA. Otherwise
+    (or when the group is already joined) it yields `device` as given."""
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if not torchrun or dist.is_initialized():
         yield device
         return
     cuda = str(device or "cuda").startswith("cuda") and torch.cuda.is_available()
@@ -1170,16 +1176,18 @@ def main_first():
     the others then find in its cache (RAVEL's data, the toy target, a downloaded model)."""
     if not is_main():
         barrier()
-    yield
-    if is_main():
-        barrier()
+    try:
+        yield
+    finally:          # also when rank 0 fails: the others then meet the same error instead of waiting
+        if is_main():
+            barrier()
 
 
 def data_parallel(hd):
     """hd.net in DistributedDataParallel under torchrun (None in one process). Building it sends rank 0's
     weights to all. The gradients live in DDP's communication buckets, not in a second copy (12.7 GB at
     Llama-3-8B). A DAS batch uses only its concepts' bases, hence find_unused_parameters there."""
-    if world()[1] == 1:
+    if not (dist.is_available() and dist.is_initialized()):
         return None
     return DistributedDataParallel(hd.net, device_ids=[hd.device.index] if hd.device.type == "cuda" else None,
                                    gradient_as_bucket_view=True, find_unused_parameters=hd.method == "das")

@@ -27,14 +27,19 @@ CONFIGS = {
     "gemma2": lambda: T.Gemma2Config(**TINY, head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=0.5,
                                      final_logit_softcapping=None),
     "phi3": lambda: T.Phi3Config(**TINY),
+    "phi3_partial_rotary": lambda: T.Phi3Config(**TINY, rope_parameters=dict(rope_type="default", rope_theta=1e4,
+                                                                             partial_rotary_factor=0.5)),
     "olmo2": lambda: T.Olmo2Config(**TINY),
     "mixtral": lambda: T.MixtralConfig(**TINY, num_local_experts=2, num_experts_per_tok=1),
     "gpt2": lambda: T.GPT2Config(**GPT, n_embd=32, n_layer=3, n_head=4, n_positions=64,
                                  scale_attn_by_inverse_layer_idx=True),
+    "gpt2_unscaled": lambda: T.GPT2Config(**GPT, n_embd=32, n_layer=3, n_head=4, n_positions=64, scale_attn_weights=False),
     "pythia": lambda: T.GPTNeoXConfig(**GPT, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                       num_attention_heads=4),                       # parallel residual, 1/4 rotary
     "neox_sequential": lambda: T.GPTNeoXConfig(**GPT, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                                num_attention_heads=4, use_parallel_residual=False),
+    "neox_unbiased": lambda: T.GPTNeoXConfig(**GPT, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                             num_attention_heads=4, attention_bias=False),
 }
 COPYABLE = [name for name in CONFIGS if name != "mixtral"]
 _models = {}
@@ -80,7 +85,7 @@ def test_the_hook_sees_hidden_states_at_every_layer_and_identity_is_bit_identica
         assert torch.equal(seen[0], out.hidden_states[layer]) and torch.equal(logits, out.logits)
     scale = math.sqrt(model.config.hidden_size) if name.startswith("gemma") else 1.0   # Gemma: sqrt(d) in stream 0
     embedded = model.get_input_embeddings().weight[enc["input_ids"]]
-    if name == "gpt2":
+    if name.startswith("gpt2"):
         embedded = embedded + model.transformer.wpe.weight[enc["position_ids"]]
     torch.testing.assert_close(out.hidden_states[0], embedded * scale, atol=1e-5, rtol=1e-5)
 
@@ -212,3 +217,10 @@ def test_save_load_round_trip_and_generation_through_the_cache(name, tok, tmp_pa
     weights, basis, h_source = hd.plan(batch)
     first = hd.intervened_logits(batch["base"], weights, basis, h_source)[0, -1].argmax().item()
     assert (text.split() or [""])[0] == ("" if first == tok.eos_token_id else tok.convert_ids_to_tokens(first))
+
+
+def test_rope_types_whose_frequencies_follow_the_sequence_length_are_refused():
+    config = T.LlamaConfig(**TINY, rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=2.0))
+    model = T.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match="rope_type 'dynamic'"):
+        H.HyperNetwork(model, H.HyperDASConfig(layer=1, feature_dim=4, num_blocks=1))
