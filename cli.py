@@ -94,23 +94,79 @@ def build_parser():
                    "(default: runs/<method>-<domain>-<model>)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, help="seed for data, initialisation and order (default: 0)")
+    p.add_argument("--seeds", type=seed_list, help="several seeds, e.g. 0,1,2: one run each (into --out with "
+                   "-seed<N> appended), then cause / isolate / disentangle as mean +- std over them")
+    p.add_argument("--sparsity_schedule", choices=("official", "paper"), help="official (default): after the "
+                   "warm-up, linspace(0.15, 1.5) from step 0 (a jump to 0.825); paper: rising from 0 to 1.5")
+    p.add_argument("--lr_schedule", choices=("constant", "warmup_cosine"), help="constant (default, official), "
+                   "or warmup_cosine: 5%% linear warm-up, then cosine decay to 10%% of the rate")
     return p
+
+
+def seed_list(text):
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, such as 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a seed")
+    return seeds
 
 
 def main(argv=None):
     global H
     args = build_parser().parse_args(argv)
+    if args.seeds and (args.seed is not None or args.evaluate):
+        build_parser().error("--seeds runs one training per seed: drop --seed" +
+                             (" and --evaluate" if args.evaluate else ""))
     import hyperdas as H     # torch loads here, after --help and any bad flag were answered
     try:
         with H.processes(args.device) as device:     # under torchrun: join the others, take this rank's GPU
             args.device = device
-            return run(args)
+            return run(args) if not args.seeds else over_seeds(args)
     except (ValueError, FileNotFoundError) as err:   # bad input: one line, no traceback (once under torchrun)
         raise SystemExit(f"error: {err}" if first_process() else 1) from None
     except KeyboardInterrupt as err:                 # a loop that saved says how to resume
         if first_process():
             print(f"interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def over_seeds(args):
+    """One run per seed, each in its own output folder (so each resumes on its own), then the spread."""
+    base = args.out or default_out(args)
+    runs = []
+    for seed in args.seeds:
+        runs.append(run(argparse.Namespace(**{**vars(args), "seed": seed, "seeds": None, "out": f"{base}-seed{seed}"})))
+    summary = dict(method=runs[0]["method"], domain=args.domain, model=runs[0]["model"], seeds=args.seeds,
+                   mode={m: spread([r["mode"][m] for r in runs]) for m in runs[0]["mode"]},
+                   seconds=[r["seconds"] for r in runs])
+    if H.is_main():
+        print(f"\n{summary['method']} on {args.domain} ({summary['model']}), seeds {args.seeds}: mean +- std "
+              "(macro, the paper's number)")
+        print(f"{'mode':12} {'cause':>15} {'isolate':>15} {'disentangle':>15}")
+        for mode, s in summary["mode"].items():
+            print(f"{mode:12} " + " ".join(f"{s[k]['mean']:>8.3f} +- {s[k]['std']:.3f}"
+                                           for k in ("cause", "isolate", "disentangle")))
+        H.atomic_write(Path(f"{base}-seeds.json"), lambda p: p.write_text(json.dumps(summary, indent=2)))
+        print(f"saved {base}-seeds.json")
+    return summary
+
+
+def spread(scores):
+    """Mean and sample standard deviation of each top-level score over runs."""
+    import statistics
+    return {k: {"mean": statistics.fmean(s[k] for s in scores),
+                "std": statistics.stdev(s[k] for s in scores) if len(scores) > 1 else 0.0}
+            for k in ("cause", "isolate", "disentangle")}
+
+
+def model_label(args):
+    return args.model or f"toy-{args.domain}" + (f"-{args.arch}" if args.arch not in (None, "llama") else "")
+
+
+def default_out(args, method=None):
+    return f"runs/{method or args.method or 'hyperdas'}-{args.domain}-{Path(model_label(args)).name}"
 
 
 def first_process():
@@ -212,7 +268,8 @@ def preflight(args):
     if args.model:
         H.architecture(config)          # an architecture HyperDAS cannot copy exactly: refused now, not after loading
     settings, why = H.settings_for(config)
-    flags = {k: getattr(args, k) for k in ("layer", "feature_dim", "num_blocks", "epochs", "batch_size", "lr")
+    flags = {k: getattr(args, k) for k in ("layer", "feature_dim", "num_blocks", "epochs", "batch_size", "lr",
+                                            "sparsity_schedule", "lr_schedule")
              if getattr(args, k) is not None}
     seed = 0 if args.seed is None else args.seed
     if args.evaluate:
@@ -253,8 +310,8 @@ def preflight(args):
     method = args.method or (saved["method"] if args.evaluate else "hyperdas")
     if method == "hyperdas" and settings["num_blocks"] > n:
         raise ValueError(f"--num_blocks {settings['num_blocks']} exceeds the target's {n} layers to copy from.")
-    model_name = args.model or f"toy-{args.domain}" + (f"-{args.arch}" if args.arch not in (None, "llama") else "")
-    out = Path(args.out or f"runs/{method}-{args.domain}-{Path(model_name).name}")
+    model_name = model_label(args)
+    out = Path(args.out or default_out(args, method))
     earlier = H.checkpoint_path(out / "checkpoint") / "training.json"
     if not args.evaluate and earlier.exists():      # a rerun must be the same run (its data is checked later)
         saved_run = H.read_json(earlier).get("run") or {}

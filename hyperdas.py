@@ -71,6 +71,10 @@ class HyperDASConfig:
     sparsity_start: float = 0.15    # source-selection sparsity weight: 0 during the warm-up fraction of
     sparsity_end: float = 1.5       # the steps, then the linear ramp start -> end over all steps
     sparsity_warmup: float = 0.5
+    sparsity_schedule: str = "official"   # "official": after the warm-up, linspace(start, end) indexed from step 0
+                                    # (a jump to 0.825 at 50%); "paper": from 0 rising linearly to end after it
+    lr_schedule: str = "constant"   # "constant" (official), or "warmup_cosine": linear warm-up over the first
+                                    # 5% of the steps, then cosine decay to 10% of the rate, for every group
     bidding_threshold: float = 0.1  # a source token must beat max(keep share, threshold) in one-to-one mode
     eval_tokens: int = 3            # exact match is judged on the first 3 answer tokens
     instruction_template: str = "{base} ; {source} - {attribute}"
@@ -861,10 +865,29 @@ def sparsity_loss(weights, n_examples=None):
     return per_example.sum() / (len(per_example) if n_examples is None else n_examples)
 
 
+SCHEDULES = {"sparsity_schedule": ("official", "paper"), "lr_schedule": ("constant", "warmup_cosine")}
+
+
 def sparsity_weight(step, total, cfg):
-    if step < int(cfg.sparsity_warmup * total):
+    """The sparsity loss's weight at a step: 0 for the warm-up fraction of the steps, then a ramp. The official
+    code indexes its ramp linspace(0.15, 1.5) from step 0, so the weight jumps to 0.825 at the warm-up's end;
+    the paper's text has it rise linearly from 0 to 1.5 starting there ("paper")."""
+    warm = int(cfg.sparsity_warmup * total)
+    if step < warm:
         return 0.0
+    if cfg.sparsity_schedule == "paper":
+        return cfg.sparsity_end * (step - warm) / max(1, total - warm)
     return cfg.sparsity_start + (cfg.sparsity_end - cfg.sparsity_start) * step / total
+
+
+def lr_factor(step, total, cfg):
+    """The learning-rate multiplier at a step: 1 ("constant", official), or "warmup_cosine"."""
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    warm = max(1, round(0.05 * total))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1281,8 +1304,11 @@ def train_loop(hd, examples, epochs, batch_size, eval_data=None, eval_every=0, o
         for step in bar:
             epoch, i = divmod(step, steps_per_epoch)
             order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(hd.cfg.seed + epoch))
+            for group in opt.param_groups:          # stateless, so a resumed run continues the schedule
+                group["lr"] = group.setdefault("base_lr", group["lr"]) * lr_factor(step, total, hd.cfg)
             record = train_step(hd, [examples[j] for j in order[i * batch_size:(i + 1) * batch_size]], opt,
                                 sparsity_weight(step, total, hd.cfg), grad_accum, ddp)
+            record["lr"] = opt.param_groups[-1]["lr"]
             hd.step = step + 1
             record = dict(step=hd.step, **record)
             if eval_data is not None and eval_every and hd.step % eval_every == 0:   # never at step 0
@@ -1398,6 +1424,9 @@ class HyperDAS:
         if unknown:
             raise TypeError(f"Unknown HyperDAS option(s) {sorted(unknown)}; see HyperDASConfig.")
         self.cfg = HyperDASConfig(**config)
+        for name, choices in SCHEDULES.items():
+            if getattr(self.cfg, name) not in choices:
+                raise ValueError(f"{name}={getattr(self.cfg, name)!r}: choose one of {', '.join(choices)}.")
         self.model = freeze(model)
         self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer(model)
         self.device = next(model.parameters()).device

@@ -311,3 +311,31 @@ def test_an_unsupported_architecture_and_arch_with_model_are_refused_before_load
     assert "does not support the 'opt' architecture" in message and "GPT-2" in message
     make_model().save_pretrained(tmp_path / "m")
     assert "drop --arch" in refused(capsys, ["--model", str(tmp_path / "m"), "--arch", "gpt2", "--out", str(tmp_path / "o")])
+
+
+def test_seeds_run_one_training_each_and_report_mean_and_std(capsys, tmp_path, monkeypatch):
+    model, tok = make_model(), make_tokenizer()
+    monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None, arch="llama": (model, tok))
+    monkeypatch.setattr(H, "ravel_examples", lambda domain, split, *a, **k: EXAMPLES)
+    summary = cli.main(["--domain", "city", "--epochs", "2", "--seeds", "0,1", "--sparsity_schedule", "paper",
+                        "--lr_schedule", "warmup_cosine", "--out", str(tmp_path / "run")])
+    runs = [json.loads((tmp_path / f"run-seed{s}" / "results.json").read_text()) for s in (0, 1)]
+    for key in ("cause", "isolate", "disentangle"):
+        values = [r["mode"]["soft"][key] for r in runs]
+        assert summary["mode"]["soft"][key]["mean"] == pytest.approx(sum(values) / 2)
+        assert summary["mode"]["soft"][key]["std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+    assert json.loads((tmp_path / "run-seeds.json").read_text())["seeds"] == [0, 1]
+    saved = json.loads((tmp_path / "run-seed1" / "checkpoint" / "config.json").read_text())["config"]
+    assert (saved["seed"], saved["sparsity_schedule"], saved["lr_schedule"]) == (1, "paper", "warmup_cosine")
+    assert "mean +- std" in capsys.readouterr().out
+    row = lambda x: dict(cause=x, isolate=1 - x, disentangle=0.5)
+    s = cli.spread([row(0.2), row(0.4), row(0.9)])         # the sample standard deviation, over seeds
+    assert s["cause"]["mean"] == pytest.approx(0.5) and s["cause"]["std"] == pytest.approx(0.36055, abs=1e-4)
+    assert s["disentangle"]["std"] == 0.0
+
+
+@pytest.mark.parametrize("argv, says", [(["--seeds", "0,0"], "repeats a seed"), (["--seeds", "a"], "not a comma"),
+                                        (["--seeds", "0,1", "--seed", "2"], "drop --seed"),
+                                        (["--sparsity_schedule", "linear"], "invalid choice")])
+def test_bad_seed_and_schedule_flags_are_refused_in_one_line(capsys, no_work, argv, says):
+    assert says in refused(capsys, argv, code=2)

@@ -319,6 +319,26 @@ def test_sparsity_schedule_values():
     assert values[5:] == pytest.approx(expected) and values[5] == pytest.approx(0.825)
 
 
+def test_the_papers_sparsity_schedule_rises_from_zero_after_the_warm_up():
+    cfg = H.HyperDASConfig(sparsity_schedule="paper")
+    values = [H.sparsity_weight(t, 10, cfg) for t in range(10)]
+    assert values[:5] == [0.0] * 5 and values[5:] == pytest.approx([1.5 * (t - 5) / 5 for t in range(5, 10)])
+
+
+def test_the_learning_rate_schedule_warms_up_decays_and_is_what_training_uses(model, tok):
+    cfg = H.HyperDASConfig(lr_schedule="warmup_cosine")
+    assert [H.lr_factor(t, 40, H.HyperDASConfig()) for t in (0, 20, 39)] == [1.0] * 3      # official: constant
+    factors = [H.lr_factor(t, 40, cfg) for t in range(40)]
+    assert factors[:2] == pytest.approx([0.5, 1.0]) and factors[2] == pytest.approx(1.0)   # 2 warm-up steps
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:])) and factors[-1] == pytest.approx(0.1, abs=0.01)
+    hd = new_hd(model, tok, lr_schedule="warmup_cosine")
+    history = hd.train(EXAMPLES, epochs=10, batch_size=2, progress=False)              # 20 steps
+    assert [r["lr"] for r in history] == pytest.approx([1e-3 * H.lr_factor(t, 20, hd.cfg) for t in range(20)])
+    for name, value in (("sparsity_schedule", "linear"), ("lr_schedule", "cosine")):
+        with pytest.raises(ValueError, match=f"{name}='{value}': choose one of"):
+            new_hd(model, tok, **{name: value})
+
+
 def test_sparsity_loss_manual():
     A = torch.tensor([[[0.9, 0.8, 0.0], [0.1, 0.1, 0.5], [0.0, 0.1, 0.5]]])   # source 0 sums to 1.7
     assert H.sparsity_loss(A).item() == pytest.approx(0.7)
