@@ -23,15 +23,11 @@ import math
 import os
 import random
 import re
-import shutil
-import signal
 import string
 import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
-from datetime import timedelta
 from pathlib import Path
 
 if __name__ == "__main__":   # the command line (cli.py) reads its flags before torch is imported: seconds
@@ -40,16 +36,18 @@ if __name__ == "__main__":   # the command line (cli.py) reads its flags before 
     sys.exit()
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch.nn.parallel import DistributedDataParallel
+from safetensors import SafetensorError  # noqa: F401  (cli.py reads it here)
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import ravel_data
+from distributed import (all_sum, barrier, check_batch, collective_device, data_parallel, from_main, gather,  # noqa: F401
+                         is_main, main_first, on_any, processes, split, through, world)
+from files import (atomic_write, checkpoint_path, deferred_interrupts, is_checkpoint, read_json,  # noqa: F401
+                   read_tensors, writable, write_checkpoint)
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
@@ -993,63 +991,6 @@ def entity_in(prompt, domains, role):
 # Checkpoints: a directory of safetensors and JSON files, replaced as a whole.
 
 
-def atomic_write(path, write):
-    tmp = Path(f"{path}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_checkpoint(path, files, mine=None):
-    """Write {name: writer(path)} as the directory `path`, replacing the one there as a whole: the files
-    go to path.new, then two renames swap it in; a crash between them leaves path.old, which
-    checkpoint_path() takes back. A reader never sees a mixed or half-written checkpoint. A non-empty
-    folder is replaced only if `mine(path)` (default is_checkpoint) says this project wrote it."""
-    path = Path(path)
-    new, old = path.with_name(path.name + ".new"), path.with_name(path.name + ".old")
-    if path.is_dir() and any(path.iterdir()) and not (mine or is_checkpoint)(path):
-        raise ValueError(f"{path} exists and is not a HyperDAS checkpoint; choose a new or empty directory.")
-    shutil.rmtree(new, ignore_errors=True)
-    new.mkdir(parents=True)
-    for name, write in files.items():
-        write(new / name)
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(new, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def is_checkpoint(path):
-    """A directory this project wrote: its config.json names a method (a model folder's config.json does not)."""
-    with contextlib.suppress(OSError, ValueError):
-        info = json.loads((Path(path) / "config.json").read_text())
-        return isinstance(info, dict) and info.get("method") in ("hyperdas", "das") and "config" in info
-    return False
-
-
-def checkpoint_path(path):
-    """The checkpoint directory to read, after taking back path.old if a save was cut between its renames."""
-    path = Path(path)
-    old = path.with_name(path.name + ".old")
-    if not path.exists() and old.is_dir():
-        os.replace(old, path)
-    return path
-
-
-def read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is damaged ({err}); delete the checkpoint and train again.") from None
-
-
-def read_tensors(path, device="cpu"):
-    try:
-        return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is damaged or unreadable ({err}); delete the checkpoint and train again.") from None
-
-
 def save_checkpoint(hd, path, optimizer=None, run=None):
     """Weights and configuration, and with an optimizer everything needed to resume: its moments, the step,
     the history and what defines the run. Under torchrun every process calls it: rank 0 writes while the
@@ -1099,178 +1040,7 @@ def load_weights(hd, path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Several processes (torchrun). `torchrun --nproc_per_node N hyperdas.py ...` trains one hypernetwork in
-# DistributedDataParallel; the frozen target is replicated on every GPU and never wrapped. Every process
-# sees the same global batches and computes its own slice of each; DDP averages the gradients and
-# train_step scales them back to a sum, so N processes give the weights of one process with the whole
-# batch. Evaluation is split the same way and gathered. Rank 0 alone prints, shows progress and writes.
-# DDP rather than FSDP, because the plan is for the whole hypernetwork to fit one GPU: at Llama-3-8B its
-# fp32 weights, gradients and AdamW moments take 51 GB (44 GB with train_embedding=False) and the bf16
-# target 16 GB, an estimate that leaves an 80 GB GPU 13-20 GB for activations, which checkpoint_blocks
-# and grad_accum shrink. In one process every function here is a no-op.
-
-
-def world():
-    """(this process's rank, the number of processes): (0, 1) without torchrun."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def is_main():
-    return world()[0] == 0
-
-
-@contextlib.contextmanager
-def processes(device=None):
-    """Inside the block, a process started by torchrun (even alone: one GPU runs the same DDP path) joins
-    the process group (NCCL on CUDA, gloo on CPU) and yields its device, cuda:LOCAL_RANK on CUDA. Otherwise
-    (or when the group is already joined) it yields `device` as given."""
-    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
-    if not torchrun or dist.is_initialized():
-        yield device
-        return
-    cuda = str(device or "cuda").startswith("cuda") and torch.cuda.is_available()
-    if cuda:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    # A long timeout: the others wait while rank 0 builds the toy target or filters the pairs (main_first).
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2), device_id=device if cuda else None)
-    try:
-        yield device
-    finally:
-        dist.destroy_process_group()
-
-
-def split(items, n):
-    """items cut into n contiguous parts whose sizes differ by at most one: rank r takes part r."""
-    return [items[i * len(items) // n:(i + 1) * len(items) // n] for i in range(n)]
-
-
-def collective_device():
-    """Where tensors for a collective must be: this GPU for NCCL, the CPU for gloo."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def all_sum(tensor):
-    """The sum over all processes of a tensor (on the collective's device; the tensor itself in one process)."""
-    if world()[1] == 1:
-        return tensor
-    total = tensor.to(collective_device(), copy=True)
-    dist.all_reduce(total)
-    return total
-
-
-def on_any(*flags):
-    """Each flag, true if it is true on any process: every process must take the same decision (to save, to
-    stop after a signal), or one would wait forever for the others at its next collective."""
-    if world()[1] == 1:
-        return flags
-    return [bool(f) for f in all_sum(torch.tensor([int(f) for f in flags])).tolist()]
-
-
-def gather(values):
-    """Every process's list, concatenated in rank order (with split(), the original order)."""
-    if world()[1] == 1:
-        return values
-    parts = [None] * world()[1]
-    dist.all_gather_object(parts, values)
-    return [v for part in parts for v in part]
-
-
-def from_main(make):
-    """make() run on rank 0 alone and its result sent to every process, e.g. the filtered pairs: every
-    process then trains on exactly the same examples."""
-    if world()[1] == 1:
-        return make()
-    box = [make() if is_main() else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def barrier():
-    if world()[1] > 1:
-        dist.barrier()
-
-
-@contextlib.contextmanager
-def main_first():
-    """Rank 0 runs the block first while the others wait, then they run it: rank 0 fetches or builds what
-    the others then find in its cache (RAVEL's data, the toy target, a downloaded model)."""
-    if not is_main():
-        barrier()
-    try:
-        yield
-    finally:          # also when rank 0 fails: the others then meet the same error instead of waiting
-        if is_main():
-            barrier()
-
-
-def data_parallel(hd):
-    """hd.net in DistributedDataParallel under torchrun (None in one process). Building it sends rank 0's
-    weights to all. The gradients live in DDP's communication buckets, not in a second copy (12.7 GB at
-    Llama-3-8B). A DAS batch uses only its concepts' bases, hence find_unused_parameters there."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    return DistributedDataParallel(hd.net, device_ids=[hd.device.index] if hd.device.type == "cuda" else None,
-                                   gradient_as_bucket_view=True, find_unused_parameters=hd.method == "das")
-
-
-@contextlib.contextmanager
-def through(hd, ddp, sync=True):
-    """Inside the block, hd.net's forward runs through the DDP wrapper (DDP averages the gradients of a
-    forward made through it, at its backward; without sync they only accumulate here, for a micro-batch
-    before the last). Everywhere else hd.net stays the plain module, so saving and evaluation see no wrapper."""
-    if ddp is None:
-        yield
-        return
-    net, hd.net = hd.net, ddp
-    try:
-        with contextlib.nullcontext() if sync else ddp.no_sync():
-            yield
-    finally:
-        hd.net = net
-
-
-def check_batch(batch_size, grad_accum=1):
-    """One line if a global batch does not split evenly over the processes and then into micro-batches."""
-    n = world()[1]
-    if grad_accum < 1:
-        raise ValueError(f"grad_accum={grad_accum} must be at least 1.")
-    if n > 1 and batch_size % n:
-        raise ValueError(f"batch_size {batch_size} does not split over {n} processes: give a multiple of {n} "
-                         f"(each process takes batch_size / {n} examples of every batch).")
-    if batch_size // n % grad_accum:
-        share = f"each process's {batch_size // n} examples do" if n > 1 else f"batch_size {batch_size} does"
-        raise ValueError(f"{share} not split into grad_accum={grad_accum} equal micro-batches: give a "
-                         f"batch_size that is a multiple of {n * grad_accum}.")
-
-
-# ----------------------------------------------------------------------------------------------------
 # The training loop (§3): AdamW on the prediction and sparsity losses, with checkpoints and resume.
-
-
-@contextlib.contextmanager
-def deferred_interrupts():
-    """Inside the block, a first Ctrl-C (SIGINT) or SIGTERM only sets a flag (the list yielded), so that a
-    loop can finish its step, save and stop cleanly instead of dying half-way through an optimizer step; a
-    second one stops at once. A no-op outside the main thread, where signal handlers cannot be set."""
-    caught = []
-    if threading.current_thread() is not threading.main_thread():
-        yield caught
-        return
-
-    def handler(signum, frame):
-        if caught:
-            raise KeyboardInterrupt("stopped at once by a second signal; the last save stands")
-        caught.append(signum)
-        print("\nstopping after this step (again to stop at once) ...", file=sys.stderr)
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield caught
-    finally:
-        for s, old in previous.items():
-            signal.signal(s, old)
 
 
 def train_loop(hd, examples, epochs, batch_size, eval_data=None, eval_every=0, out_dir=None, save_every=0,
@@ -1684,15 +1454,3 @@ def print_table(results):
         for name, row in [*s["per_attribute"].items(), ("(macro: paper)", s), ("(pooled)", s["pooled"])]:
             print(f"{mode:<12} {name:<20} {fmt(row['cause']):>6} {fmt(row['isolate']):>8} {fmt(row['disentangle']):>12}")
 
-
-def writable(folder, what):
-    """Make sure `folder` can be created and written before any work that would end by writing there."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"cannot write {what} at {folder} ({err.strerror or err}); choose another folder.") from None
-    return folder

@@ -138,29 +138,6 @@ def test_patch_layer_replaces_hidden_states_at_that_layer(model, tok):
         assert not torch.allclose(patched[layer + 1], clean[layer + 1])
 
 
-def test_intervened_forward_equals_manual_activation_patching(model, tok):
-    """The method's intervention (one-hot selection) equals a hand-written hook on layers[L-1]."""
-    hd = new_hd(model, tok)
-    L, d = hd.cfg.layer, model.config.hidden_size
-    base, source = H.tokenize(tok, ["the city of Vienna is in"]), H.tokenize(tok, ["I love Paris"])
-    h_source = model(**H.target_inputs(source), output_hidden_states=True).hidden_states[L]
-    i, j = 3, 4                                   # "Paris" in the source, "Vienna" in the base
-    Ts, Tb = h_source.shape[1], base["input_ids"].shape[1]
-    A = torch.zeros(1, Ts + 1, Tb)
-    A[0, Ts], A[0, Ts, j], A[0, i, j] = 1, 0, 1
-    torch.manual_seed(3)
-    for W in (torch.eye(d)[None], torch.linalg.qr(torch.randn(1, d, 5)).Q):
-        def manual(module, args, out):
-            out = out.clone()
-            out[:, j] = out[:, j] + (h_source[:, i] - out[:, j]) @ W[0] @ W[0].T
-            return out
-        handle = model.model.layers[L - 1].register_forward_hook(manual)
-        expected = model(**H.target_inputs(base)).logits
-        handle.remove()
-        got = hd.intervened_logits(base, A, W, h_source)
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-
-
 # --------------------------------------------------------------------------------------------------
 # Tokenization and target access
 

@@ -250,7 +250,8 @@ def test_the_command_line_refuses_a_batch_that_does_not_split_before_any_work(mo
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused_in_one_line(monkeypatch):
-    monkeypatch.setattr(H, "world", lambda: (0, 2))
+    import distributed
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
     with pytest.raises(ValueError, match="does not split over 2 processes") as err:
         H.check_batch(5)
     with pytest.raises(ValueError, match="each process's 3 examples do not split into grad_accum=2"):
