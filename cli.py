@@ -66,8 +66,13 @@ def build_parser():
                    "target trained on the domain's RAVEL facts, built on first use and cached)")
     p.add_argument("--arch", choices=("llama", "gpt2"),
                    help="architecture of the offline toy target: llama (default) or gpt2 (not with --model)")
+    p.add_argument("--toy_position", choices=("last", "first"),
+                   help="where the toy target reads its facts from: the entity's last token (default) or, in the "
+                   "known-position world, its first (not with --model)")
     p.add_argument("--method", choices=("hyperdas", "das"),
                    help="hyperdas (default), or das: one static subspace per attribute at the last entity token")
+    p.add_argument("--das_position", choices=("last", "first"),
+                   help="with --method das: intervene at the entity's last token (default) or its first")
     p.add_argument("--layer", type=at_least(0), help="intervene on hidden_states[layer] (default: from the model's settings)")
     p.add_argument("--feature_dim", type=at_least(1), help="subspace dimension k (default: from the model's settings)")
     p.add_argument("--num_blocks", type=at_least(1), help="hypernetwork decoder blocks (default: from the model's settings)")
@@ -96,8 +101,9 @@ def build_parser():
     p.add_argument("--seed", type=int, help="seed for data, initialisation and order (default: 0)")
     p.add_argument("--seeds", type=seed_list, help="several seeds, e.g. 0,1,2: one run each (into --out with "
                    "-seed<N> appended), then cause / isolate / disentangle as mean +- std over them")
-    p.add_argument("--sparsity_schedule", choices=("official", "paper"), help="official (default): after the "
-                   "warm-up, linspace(0.15, 1.5) from step 0 (a jump to 0.825); paper: rising from 0 to 1.5")
+    p.add_argument("--sparsity_schedule", choices=("official", "paper", "off"), help="official (default): after "
+                   "the warm-up, linspace(0.15, 1.5) from step 0 (a jump to 0.825); paper: rising from 0 to 1.5; "
+                   "off: no sparsity loss")
     p.add_argument("--lr_schedule", choices=("constant", "warmup_cosine"), help="constant (default, official), "
                    "or warmup_cosine: 5%% linear warm-up, then cosine decay to 10%% of the rate")
     return p
@@ -162,11 +168,14 @@ def spread(scores):
 
 
 def model_label(args):
-    return args.model or f"toy-{args.domain}" + (f"-{args.arch}" if args.arch not in (None, "llama") else "")
+    tags = [t for t in (args.arch, args.toy_position) if t not in (None, "llama", "last")]
+    return args.model or "-".join([f"toy-{args.domain}", *tags])
 
 
 def default_out(args, method=None):
-    return f"runs/{method or args.method or 'hyperdas'}-{args.domain}-{Path(model_label(args)).name}"
+    method = method or args.method or "hyperdas"
+    at = f"-at-{args.das_position}" if method == "das" and args.das_position not in (None, "last") else ""
+    return f"runs/{method}{at}-{args.domain}-{Path(model_label(args)).name}"
 
 
 def first_process():
@@ -219,11 +228,15 @@ def target_config(args):
     return config
 
 
+def toy_options(args):
+    return dict(arch=args.arch or "llama", position=args.toy_position or "last")
+
+
 def target_name(args):
     """What a checkpoint records as its target: the toy target's cache folder name, or the model given."""
     if args.model is None:
         import toy_world
-        return toy_world.target_folder(args.domain, arch=args.arch or "llama").name
+        return toy_world.target_folder(args.domain, **toy_options(args)).name
     return model_source(args)
 
 
@@ -264,12 +277,16 @@ def preflight(args):
         raise ValueError("--device cuda: no CUDA device is available here; use --device cpu.")
     if args.arch and args.model:
         raise ValueError("--arch chooses the toy target's architecture; with --model the model's own is used: drop --arch.")
+    if args.toy_position and args.model:
+        raise ValueError("--toy_position chooses a toy target; with --model there is none: drop --toy_position.")
+    if args.toy_position == "first" and args.domain == "all":
+        raise ValueError("--toy_position first: the known-position world is built from one domain (city), not all.")
     config = target_config(args)
     if args.model:
         H.architecture(config)          # an architecture HyperDAS cannot copy exactly: refused now, not after loading
     settings, why = H.settings_for(config)
     flags = {k: getattr(args, k) for k in ("layer", "feature_dim", "num_blocks", "epochs", "batch_size", "lr",
-                                            "sparsity_schedule", "lr_schedule")
+                                            "sparsity_schedule", "lr_schedule", "das_position")
              if getattr(args, k) is not None}
     seed = 0 if args.seed is None else args.seed
     if args.evaluate:
@@ -308,6 +325,8 @@ def preflight(args):
     if settings["feature_dim"] > d:
         raise ValueError(f"--feature_dim {settings['feature_dim']} exceeds the hidden size {d}.")
     method = args.method or (saved["method"] if args.evaluate else "hyperdas")
+    if args.das_position and method != "das":
+        raise ValueError("--das_position places DAS's fixed intervention; HyperDAS chooses its own: add --method das.")
     if method == "hyperdas" and settings["num_blocks"] > n:
         raise ValueError(f"--num_blocks {settings['num_blocks']} exceeds the target's {n} layers to copy from.")
     model_name = model_label(args)
@@ -336,7 +355,7 @@ def run(args):
         H.torch.manual_seed(seed)
         if args.model is None:
             import toy_world      # one target for every --seed
-            model, tokenizer = toy_world.toy_target(args.domain, device=args.device, arch=args.arch or "llama")
+            model, tokenizer = toy_world.toy_target(args.domain, device=args.device, **toy_options(args))
         else:
             try:
                 model, tokenizer = H.load_target(model_source(args), args.device)

@@ -70,12 +70,15 @@ class HyperDASConfig:
     sparsity_end: float = 1.5       # the steps, then the linear ramp start -> end over all steps
     sparsity_warmup: float = 0.5
     sparsity_schedule: str = "official"   # "official": after the warm-up, linspace(start, end) indexed from step 0
-                                    # (a jump to 0.825 at 50%); "paper": from 0 rising linearly to end after it
+                                    # (a jump to 0.825 at 50%); "paper": from 0 rising linearly to end after it;
+                                    # "off": no sparsity loss (the ablation)
     lr_schedule: str = "constant"   # "constant" (official), or "warmup_cosine": linear warm-up over the first
                                     # 5% of the steps, then cosine decay to 10% of the rate, for every group
     bidding_threshold: float = 0.1  # a source token must beat max(keep share, threshold) in one-to-one mode
     eval_tokens: int = 3            # exact match is judged on the first 3 answer tokens
     instruction_template: str = "{base} ; {source} - {attribute}"
+    das_position: str = "last"      # DAS only: intervene at the entity's "last" token (RAVEL's and MDAS's
+                                    # placement) or its "first" (the known-position toy world's true position)
     checkpoint_blocks: bool = False # recompute each block's activations during backward instead of keeping them
                                     # (activation checkpointing: less memory for ~1/3 more block compute)
     train_embedding: bool = True    # False: freeze the hypernetwork's embedding copy (525 M parameters at
@@ -317,6 +320,18 @@ def answer_correct(logits, labels, first_n=None):
 
 def target_inputs(enc):
     return {k: enc[k] for k in ("input_ids", "attention_mask", "position_ids")}
+
+
+def first_entity_token(tokenizer, enc, prompts, prefixes, entities):
+    """Index, in each left-padded row of `enc` (tokenize()'s batch of `prompts`, which begin with `prefixes`),
+    of the token in which the entity that ends each prefix begins: [B]."""
+    for prefix, entity in zip(prefixes, entities):
+        if not prefix.endswith(entity):
+            raise ValueError(f"The prompt prefix {prefix[-40:]!r} does not end with its entity {entity!r}.")
+    upto = visible_counts(tokenizer, prompts, [len(p) - len(e) + 1 for p, e in zip(prefixes, entities)])
+    bos = int(tokenizer.bos_token_id is not None)
+    pad = enc["input_ids"].shape[1] - enc["attention_mask"].sum(1)
+    return pad + bos + torch.tensor(upto) - 1
 
 
 def last_visible(visible):
@@ -863,15 +878,15 @@ def sparsity_loss(weights, n_examples=None):
     return per_example.sum() / (len(per_example) if n_examples is None else n_examples)
 
 
-SCHEDULES = {"sparsity_schedule": ("official", "paper"), "lr_schedule": ("constant", "warmup_cosine")}
+SCHEDULES = {"sparsity_schedule": ("official", "paper", "off"), "lr_schedule": ("constant", "warmup_cosine")}
 
 
 def sparsity_weight(step, total, cfg):
     """The sparsity loss's weight at a step: 0 for the warm-up fraction of the steps, then a ramp. The official
     code indexes its ramp linspace(0.15, 1.5) from step 0, so the weight jumps to 0.825 at the warm-up's end;
-    the paper's text has it rise linearly from 0 to 1.5 starting there ("paper")."""
+    the paper's text has it rise linearly from 0 to 1.5 starting there ("paper"). "off": always 0 (ablation)."""
     warm = int(cfg.sparsity_warmup * total)
-    if step < warm:
+    if step < warm or cfg.sparsity_schedule == "off":
         return 0.0
     if cfg.sparsity_schedule == "paper":
         return cfg.sparsity_end * (step - warm) / max(1, total - warm)
@@ -1194,7 +1209,7 @@ class HyperDAS:
         if unknown:
             raise TypeError(f"Unknown HyperDAS option(s) {sorted(unknown)}; see HyperDASConfig.")
         self.cfg = HyperDASConfig(**config)
-        for name, choices in SCHEDULES.items():
+        for name, choices in {**SCHEDULES, "das_position": ("last", "first")}.items():
             if getattr(self.cfg, name) not in choices:
                 raise ValueError(f"{name}={getattr(self.cfg, name)!r}: choose one of {', '.join(choices)}.")
         self.model = freeze(model)
@@ -1414,8 +1429,9 @@ class DASNetwork(nn.Module):
 
 class DAS(HyperDAS):
     """Same pairs, loss, training and evaluation as HyperDAS; only steps 1-3 differ: the positions are
-    fixed (last entity token of base and source, i.e. the last visible token) and the subspace is one
-    learned basis per attribute. Unlike the official MDAS it patches the same hidden_states[layer]."""
+    fixed (last entity token of base and source, i.e. the last visible token; with das_position="first", the
+    entity's first token) and the subspace is one learned basis per attribute. Unlike the official MDAS it
+    patches the same hidden_states[layer]."""
 
     method = "das"
 
@@ -1427,6 +1443,17 @@ class DAS(HyperDAS):
     def build(self):
         return DASNetwork(self.model.config.hidden_size, self.cfg.feature_dim, self.attributes)
 
+    def collate(self, examples):
+        batch = super().collate(examples)
+        if self.cfg.das_position == "first":      # where each entity's first token is: [B] per prompt
+            for key, side in (("base", "input_"), ("source", "counterfactual_input_")):
+                entities = [x["entity" if key == "base" else "counterfactual_entity"] for x in examples]
+                prefixes = [x[side + "prefix"] for x in examples]
+                prompts = [p + x[side + "suffix"] for p, x in zip(prefixes, examples)]
+                batch[f"{key}_at"] = first_entity_token(self.tokenizer, batch[key], prompts, prefixes,
+                                                        entities).to(self.device)
+        return batch
+
     def plan(self, batch):
         missing = set(batch["concepts"]) - set(self.attributes)
         if missing:
@@ -1434,11 +1461,13 @@ class DAS(HyperDAS):
         base, source = batch["base"], batch["source"]
         h_source = hidden_states(self.model, source)[:, :, self.cfg.layer]               # [B, Ts, d]
         B, Ts, Tb = h_source.shape[0], h_source.shape[1], base["input_ids"].shape[1]
-        rows, j = torch.arange(B, device=self.device), last_visible(base["visible"])
+        rows = torch.arange(B, device=self.device)
+        j = batch.get("base_at", last_visible(base["visible"]))          # the entity's last (or first) token
+        i = batch.get("source_at", last_visible(source["visible"]))
         weights = torch.zeros(B, Ts + 1, Tb, device=self.device)
         weights[:, Ts] = 1.0                                    # keep the base everywhere ...
-        weights[rows, Ts, j] = 0.0                              # ... except at its last entity token,
-        weights[rows, last_visible(source["visible"]), j] = 1.0  # which takes the source's last entity token
+        weights[rows, Ts, j] = 0.0                              # ... except at its entity token,
+        weights[rows, i, j] = 1.0                               # which takes the source's same entity token
         return weights, self.net(batch["concepts"]), h_source     # through forward, which DDP sees (torchrun)
 
 

@@ -468,6 +468,26 @@ def test_das_baseline_patches_last_entity_tokens_at_the_same_layer(model, tok):
         only_country.plan(only_country.collate([example("Oslo", "Lima", concept="Continent")]))
 
 
+def test_das_at_the_first_entity_token_of_multi_token_entities(model, tok):
+    """das_position="first" (the known-position world's true position): base and source each at the token where
+    their entity begins, in every row of a left-padded batch; "last" stays at the entity's last token."""
+    rows = [example("Oslo Vienna", "Paris Rome"),
+            example("Tokyo", "Lima Madrid Berlin", source_template="( %s ) was born"),
+            example("Rome Lima", "Oslo", base_template="%s is in")]
+    for position, pick in (("first", 0), ("last", -1)):
+        das = H.DAS(model, tok, attributes=["Country"], layer=2, feature_dim=8, das_position=position)
+        batch = das.collate(rows)
+        weights = das.plan(batch)[0]
+        for r, row in enumerate(rows):
+            ids = {side: batch[side]["input_ids"][r].tolist() for side in ("base", "source")}
+            j = ids["base"].index(tok.convert_tokens_to_ids(row["entity"].split()[pick]))
+            i = ids["source"].index(tok.convert_tokens_to_ids(row["counterfactual_entity"].split()[pick]))
+            assert weights[r, :-1].nonzero().tolist() == [[i, j]], (position, r)
+            assert weights[r, -1, j] == 0 and weights[r, -1].sum() == weights.shape[2] - 1
+    with pytest.raises(ValueError, match="das_position"):
+        H.DAS(model, tok, attributes=["Country"], das_position="middle")
+
+
 def test_das_patches_the_same_hidden_states_as_manual_patching(model, tok):
     """Official bug 7: MDAS patched one block later than HyperDAS at the same nominal layer. Our DAS with a
     full-rank basis is exactly activation patching of hidden_states[L] at the last entity tokens."""

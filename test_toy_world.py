@@ -213,3 +213,32 @@ def test_the_gpt2_world_is_a_gpt2_with_its_own_cache_entry_and_runs_from_the_com
                             "--n_test", "32", "--epochs", "1", "--out", str(tmp_path / method)])
         assert results["model"] == "toy-verb-gpt2" and results["mode"]["soft"]["n"] > 0
     assert seen == ["gpt2", "gpt2"]
+
+
+def word_tokenizer(words):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", *words])}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+
+
+def test_the_known_position_worlds_entities_are_named_by_their_first_token():
+    tokenizer = word_tokenizer("New York Delhi Paris Saint Louis Denis Rio".split())
+    names = ["New York", "New Delhi", "Paris", "Saint Louis", "Saint Denis", "Rio"]
+    chosen = toy_world.first_token_entities(tokenizer, names, n=10, seed=0)
+    # One "New ...", one "Saint ...", never a one-token name; the same choice for the same seed.
+    assert len(chosen) == 2 and {c.split()[0] for c in chosen} == {"New", "Saint"}
+    assert chosen == toy_world.first_token_entities(tokenizer, names, n=10, seed=0)
+    assert len(toy_world.first_token_entities(tokenizer, names, n=1, seed=0)) == 1
+
+
+def test_the_known_position_world_patches_the_entitys_first_token():
+    """entity_chars makes the entity's first (or last) token the last visible one: where patch_entity patches."""
+    tokenizer = word_tokenizer("the city of New York is in Saint Louis".split())
+    tokenizer.bos_token, tokenizer.pad_token = "<unk>", "<unk>"
+    for template, entity in (("the city of %s is in", "New York"), ("%s is in", "Saint Louis")):
+        for position, word in (("first", entity.split()[0]), ("last", entity.split()[-1])):
+            enc = tokenize(tokenizer, [template % entity], visible_chars=[toy_world.entity_chars(template, entity, position)])
+            last = enc["input_ids"][0, enc["visible"][0].nonzero().max()]
+            assert tokenizer.convert_ids_to_tokens(int(last)) == word, (template, position)

@@ -64,6 +64,10 @@ MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_at
 GPT2_MODEL = dict(n_embd=128, n_layer=4, n_head=4, n_inner=512, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0,
                   attn_pdrop=0.0, tie_word_embeddings=False)
 ARCHS = ("llama", "gpt2")
+# Where the facts are read from: the entity's last token (every RAVEL world: where RAVEL and DAS look), or its
+# first token (the known-position world: multi-token entities whose first token alone names them, so DAS at
+# the last entity token is looking at the wrong place; see first_token_entities).
+POSITIONS = ("last", "first")
 VOCAB_SIZE = 4096
 SPECIAL_TOKENS = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
@@ -106,9 +110,13 @@ def cache_root(cache_dir=None) -> Path:
 class World:
     """The facts and texts of one toy world, drawn deterministically from a RAVEL domain and a seed."""
 
-    def __init__(self, dom, attributes, n_entities, seed):
+    def __init__(self, dom, attributes, n_entities, seed, position="last", names=None):
         rng = random.Random(f"world/{dom.name}/{seed}")
-        names = sorted(dom.entities)
+        self.position = position
+        if names is not None:             # chosen by the caller (the known-position world)
+            names, n_entities = sorted(names), None
+        else:
+            names = sorted(dom.entities)
         if n_entities is not None:
             if not 2 <= n_entities <= len(names):
                 raise ValueError(f"n_entities={n_entities} must be between 2 and the {len(names)} "
@@ -175,6 +183,30 @@ class Swap(NamedTuple):
     base_answer: str     # the base entity's own value
 
 
+def first_token_entities(tokenizer, names, n, seed):
+    """The known-position world's entities: up to n of `names` (in a seeded random order) that are at least two
+    tokens long and whose first token starts no other chosen entity, both as the prompt's first word and after
+    a space (byte-level BPE splits a word the same way wherever it stands, so these are all its forms). The
+    first token then names the entity, and a model can be taught to read its facts from there alone."""
+    order = sorted(names)
+    random.Random(f"first-token/{seed}").shuffle(order)
+    chosen, used = [], set()
+    for name in order:
+        firsts = set()
+        for text in (name, " " + name):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) < 2:
+                break
+            firsts.add(ids[0])
+        else:
+            if not firsts & used:
+                chosen.append(name)
+                used |= firsts
+        if len(chosen) == n:
+            break
+    return chosen
+
+
 class Mixture:
     """Several domains' worlds taught to one model: each fact, text and swap comes from one world, drawn
     in proportion to its number of facts. Attribute names differ across RAVEL's domains, so per-attribute
@@ -182,7 +214,7 @@ class Mixture:
     with their world."""
 
     def __init__(self, worlds):
-        self.worlds, self.domain = worlds, "all"
+        self.worlds, self.domain, self.position = worlds, "all", "last"
         self.weights = [len(w.entities) * len(w.attributes) for w in worlds]
         self.entities = {w.domain: w.entities for w in worlds}
         self.attributes = [a for w in worlds for a in w.attributes]
@@ -260,15 +292,22 @@ def text_loss(model, enc):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100)
 
 
-def patch_entity(model, tokenizer, pairs, layer):
-    """Answer logits of the base prompts with hidden_states[layer] at the base entity's last token
-    replaced by the source entity's, taken from the source prompt (full-vector activation patching).
-    The labels are the source entity's values."""
-    prefix = lambda template, entity: len(template[:template.index("%s")] + entity)
+def entity_chars(template, entity, position):
+    """How many characters of template % entity reach the entity's last token ("last": up to the entity's
+    end) or its first ("first": one character into it), as tokenize's visible_chars: the last visible token
+    is then that token."""
+    start = template.index("%s")
+    return start + (len(entity) if position == "last" else 1)
+
+
+def patch_entity(model, tokenizer, pairs, layer, position="last"):
+    """Answer logits of the base prompts with hidden_states[layer] at the base entity's last (or, with
+    position="first", first) token replaced by the source entity's same token, taken from the source prompt
+    (full-vector activation patching). The labels are the source entity's values."""
     base = tokenize(tokenizer, [p.base_template % p.base for p in pairs], [p.answer for p in pairs],
-                    visible_chars=[prefix(p.base_template, p.base) for p in pairs])
+                    visible_chars=[entity_chars(p.base_template, p.base, position) for p in pairs])
     source = tokenize(tokenizer, [p.source_template % p.source for p in pairs],
-                      visible_chars=[prefix(p.source_template, p.source) for p in pairs])
+                      visible_chars=[entity_chars(p.source_template, p.source, position) for p in pairs])
     rows = torch.arange(len(pairs))
     states = model(**target_inputs(source), output_hidden_states=True, logits_to_keep=1).hidden_states[layer]
     patch = states[rows, last_visible(source["visible"])]                               # [B, d]
@@ -318,7 +357,7 @@ def train(model, tokenizer, world, steps, seed, progress=True, partial=None):
             # Interchange intervention training (Geiger et al., ICML 2022) at a random intermediate layer: the
             # answer must follow the patched entity state, so facts are read from the entity (module docstring).
             layer = rng.randrange(1, model.config.num_hidden_layers)
-            loss_swap = answer_loss(*patch_entity(model, tokenizer, pairs, layer))
+            loss_swap = answer_loss(*patch_entity(model, tokenizer, pairs, layer, world.position))
             loss = loss_facts + 0.5 * loss_text + loss_swap
             for group in opt.param_groups:
                 group["lr"] = learning_rate(step, steps)
@@ -379,10 +418,10 @@ def accuracy(model, tokenizer, rows, batch_size=128):
 
 
 @torch.no_grad()
-def patching_accuracy(model, tokenizer, world, layer, n=500, seed=0, batch_size=125):
-    """How often patching the source entity's hidden_states[layer] into the base entity makes the model
-    give the source's value, on pairs whose values differ (base prompts from held-out templates, so
-    neither the prompt nor the patched pair was trained on)."""
+def patching_accuracy(model, tokenizer, world, layer, n=500, seed=0, batch_size=125, position=None):
+    """How often patching the source entity's hidden_states[layer] into the base entity (at the world's
+    position, or `position`) makes the model give the source's value, on pairs whose values differ (base
+    prompts from held-out templates, so neither the prompt nor the patched pair was trained on)."""
     rng = random.Random(f"swap-eval/{seed}")
     pairs = []
     while len(pairs) < n:
@@ -391,17 +430,22 @@ def patching_accuracy(model, tokenizer, world, layer, n=500, seed=0, batch_size=
             pairs.append(pair)
     correct = 0
     for i in range(0, n, batch_size):
-        logits, labels = patch_entity(model, tokenizer, pairs[i:i + batch_size], layer)
+        logits, labels = patch_entity(model, tokenizer, pairs[i:i + batch_size], layer, position or world.position)
         correct += answer_correct(logits, labels).sum().item()
     return correct / n
 
 
 def report(world, model, tokenizer, seed):
-    return {"seen": accuracy(model, tokenizer, world.eval_rows(world.train_templates, EVAL_ROWS, seed)),
-            "held_out": accuracy(model, tokenizer, world.eval_rows(world.held_out, EVAL_ROWS, seed)),
-            # JSON keys are strings: the same dict before saving and after loading.
-            "entity_patching": {str(layer): patching_accuracy(model, tokenizer, world, layer, seed=seed)
-                                for layer in range(1, model.config.num_hidden_layers)}}
+    # JSON keys are strings: the same dict before saving and after loading.
+    patching = lambda position: {str(layer): patching_accuracy(model, tokenizer, world, layer, seed=seed,
+                                                               position=position)
+                                 for layer in range(1, model.config.num_hidden_layers)}
+    out = {"seen": accuracy(model, tokenizer, world.eval_rows(world.train_templates, EVAL_ROWS, seed)),
+           "held_out": accuracy(model, tokenizer, world.eval_rows(world.held_out, EVAL_ROWS, seed)),
+           "entity_patching": patching(world.position)}
+    if world.position != "last":     # the control: the entity's last token, where DAS and RAVEL look
+        out["last_token_patching"] = patching("last")
+    return out
 
 
 def describe(info):
@@ -410,12 +454,17 @@ def describe(info):
     if isinstance(entities, dict):      # the "all" world: {domain: ...}
         entities = [e for names in entities.values() for e in names]
         attributes = [a for names in attributes.values() for a in names]
-    return (f"toy {info['domain']} target: {len(entities)} entities x {attributes}, "
+    layers = lambda accs: ", ".join(f"L={layer} {acc:.1%}" for layer, acc in accs.items())
+    position = info.get("position", "last")
+    text = (f"toy {info['domain']} target: {len(entities)} entities x {attributes}, "
             f"{info['steps']} steps ({info['train_seconds']:.0f} s)\n"
             f"  seen (entity, template) pairs: {fmt(info['accuracy']['seen'])}\n"
             f"  held-out templates:            {fmt(info['accuracy']['held_out'])}\n"
-            f"  patching the entity's hidden_states[L] moves the answer: " +
-            ", ".join(f"L={layer} {acc:.1%}" for layer, acc in info["accuracy"]["entity_patching"].items()))
+            f"  patching the entity's {position} token's hidden_states[L] moves the answer: "
+            f"{layers(info['accuracy']['entity_patching'])}")
+    if "last_token_patching" in info["accuracy"]:
+        text += f"\n  patching its last token instead: {layers(info['accuracy']['last_token_patching'])}"
+    return text
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -441,10 +490,15 @@ def entity_count(dom, n):
     return None if n is not None and n >= len(dom.entities) else n
 
 
-def world_spec(domain, attributes=None, n_entities=None, steps=None, seed=0, cache_dir=None, data=None, arch="llama"):
+def world_spec(domain, attributes=None, n_entities=None, steps=None, seed=0, cache_dir=None, data=None, arch="llama",
+               position="last"):
     """toy_target's arguments resolved and checked: (cache folder, cache key, RAVEL domain(s))."""
     if arch not in ARCHS:
         raise ValueError(f"Unknown toy architecture {arch!r}; choose {' or '.join(ARCHS)}.")
+    if position not in POSITIONS:
+        raise ValueError(f"Unknown fact position {position!r}; choose {' or '.join(POSITIONS)}.")
+    if position != "last" and domain == "all":
+        raise ValueError("The known-position world (position='first') is built from one domain, not 'all'.")
     if domain == "all":
         if attributes is not None:
             raise ValueError("attributes cannot be chosen for the 'all' world: it is taught each domain's defaults.")
@@ -465,10 +519,15 @@ def world_spec(domain, attributes=None, n_entities=None, steps=None, seed=0, cac
     if steps < 1:
         raise ValueError(f"steps={steps} must be at least 1.")
 
+    if position != "last" and n_entities is None:
+        n_entities = DEFAULT_ENTITIES[domain] or len(dom.entities)   # an upper bound: first_token_entities decides
+    # Keys of the Llama, last-token worlds are as before, so their cached targets stay valid.
     key = dict(recipe=RECIPE_VERSION, domain=domain, attributes=attributes, n_entities=n_entities,
-               steps=steps, seed=seed, **({} if arch == "llama" else {"arch": arch}))   # Llama keys as before
+               steps=steps, seed=seed, **({} if arch == "llama" else {"arch": arch}),
+               **({} if position == "last" else {"position": position}))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    folder = cache_root(cache_dir) / f"{domain}-{'' if arch == 'llama' else arch + '-'}{digest}"
+    tags = "".join(f"{tag}-" for tag in (arch, position) if tag not in ("llama", "last"))
+    folder = cache_root(cache_dir) / f"{domain}-{tags}{digest}"
     return folder, key, doms if domain == "all" else dom
 
 
@@ -478,13 +537,15 @@ def target_folder(domain, **kwargs):
 
 
 def toy_target(domain, attributes=None, n_entities=None, steps=None, seed=0, cache_dir=None, data=None,
-               progress=True, device=None, arch="llama"):
+               progress=True, device=None, arch="llama", position="last"):
     """A small LlamaForCausalLM (arch="gpt2": GPT2LMHeadModel) and its tokenizer that know the RAVEL facts of `domain` ("all": of all five
     domains at once, ALL_ENTITIES of each, with n_entities, when given, the size of every domain's subset).
 
     attributes: the attributes taught as facts (default ravel_data.DEFAULT_ATTRIBUTES[domain]).
     n_entities: use a random subset of this many entities (default DEFAULT_ENTITIES[domain]; None there
     means all). steps: training steps (default DEFAULT_STEPS[domain]). data: the RAVEL data (ravel_data).
+    position="first": the known-position world, whose facts are read from the entity's first token, not its
+    last (up to n_entities multi-token entities whose first token names them; first_token_entities).
     The result is saved under cache_dir ($HYPERDAS_CACHE, else ~/.cache/hyperdas/toy) in a folder keyed
     by every argument that changes it, and loaded from there on the next call. Training always runs on
     CPU (so the cached model does not depend on the machine); the model is returned on `device` (default
@@ -492,9 +553,7 @@ def toy_target(domain, attributes=None, n_entities=None, steps=None, seed=0, cac
     With progress, a bar shows training and the accuracy report is printed (also when loaded).
     """
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-    folder, key, doms = world_spec(domain, attributes, n_entities, steps, seed, cache_dir, data, arch)
-    attributes, n_entities, steps = key["attributes"], key["n_entities"], key["steps"]
-    dom = doms
+    folder, key, doms = world_spec(domain, attributes, n_entities, steps, seed, cache_dir, data, arch, position)
     if (folder / "config.json").exists():
         try:
             with quiet_transformers(not progress):
@@ -544,10 +603,11 @@ def build_lock(folder):
 def build(folder, key, domain, doms, seed, progress, device):
     from transformers import PreTrainedTokenizerFast
     attributes, n_entities, steps, dom = key["attributes"], key["n_entities"], key["steps"], doms
+    position = key.get("position", "last")
     if domain == "all":
         world = Mixture([World(d, attributes[d.name], n_entities[d.name], seed) for d in doms])
-    else:
-        world = World(dom, attributes, n_entities, seed)
+    else:   # the known-position world's tokenizer learns from the whole domain, so that most names split
+        world = World(dom, attributes, None if position != "last" else n_entities, seed)
     partial = folder.with_name(folder.name + ".partial")
     if (checkpoint_path(partial) / "tokenizer.json").exists():     # a build that was interrupted: its tokenizer
         tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(checkpoint_path(partial) / "tokenizer.json"),
@@ -556,9 +616,15 @@ def build(folder, key, domain, doms, seed, progress, device):
         rng = random.Random(f"tokenizer/{seed}")
         corpus = [render(*world.fact(rng)) for _ in range(20000)] + [world.text(rng) for _ in range(5000)]
         tokenizer = train_tokenizer(corpus)
+    if position != "last":
+        names = first_token_entities(tokenizer, world.entities, n_entities, seed)
+        if len(names) < 2:
+            raise ValueError(f"Only {len(names)} {domain} entities are several tokens long with a first token of "
+                             "their own; the known-position world needs a domain with multi-token names (city).")
+        world = World(dom, attributes, None, seed, position, names)
     model = new_model(tokenizer, seed, key.get("arch", "llama"))
     spent = train(model, tokenizer, world, steps, seed, progress, partial)
-    info = dict(key, entities=world.entities, held_out_templates=world.held_out,
+    info = dict(key, position=position, entities=world.entities, held_out_templates=world.held_out,
                 train_seconds=spent, accuracy=report(world, model, tokenizer, seed))
     model.config.toy_world = info    # saved with the config, so a cached model still knows its world
     if progress:
@@ -595,12 +661,15 @@ def main():
                         help="training steps (default: DEFAULT_STEPS, 1000 for verb, 2500 for all, 1500 otherwise)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world, tokenizer and weights")
     parser.add_argument("--arch", default="llama", choices=ARCHS, help="the target's architecture (default: llama)")
+    parser.add_argument("--position", default="last", choices=POSITIONS,
+                        help="where the facts are read from: the entity's last token (default), or its first "
+                             "(the known-position world, multi-token entities only)")
     parser.add_argument("--cache_dir", default=None,
                         help="cache folder (default: $HYPERDAS_CACHE, else ~/.cache/hyperdas/toy)")
     parser.add_argument("--data", default=None, help="RAVEL data.tgz or data/ folder (default $RAVEL_DATA)")
     args = parser.parse_args()
     model, tokenizer = toy_target(args.domain, args.attributes, args.n_entities, args.steps, args.seed,
-                                  args.cache_dir, args.data, arch=args.arch)
+                                  args.cache_dir, args.data, arch=args.arch, position=args.position)
     print(f"{model.num_parameters():,} parameters, vocabulary {len(tokenizer):,}")
 
 
