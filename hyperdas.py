@@ -1147,13 +1147,17 @@ def train_step(hd, examples, optimizer, w_sparse, grad_accum=1, ddp=None):
                                                   hd.cfg.isolate_weight, n_tokens)
             sparse = weight * sparsity_loss(weights, len(examples))
             (n * (prediction + w_sparse * sparse)).backward()     # x n: DDP averages, a sum is wanted
-        sums = sums + torch.stack((prediction, sparse)).detach()
-    prediction, sparse = all_sum(sums).tolist()
+            # What the step's batch gets right, per kind (the training curve of cause and isolate).
+            hit = answer_correct(logits.detach(), labels, hd.cfg.eval_tokens).float()
+            counts = torch.stack(((hit * is_causal).sum(), is_causal.sum(), (hit * ~is_causal).sum(), (~is_causal).sum()))
+        sums = sums + torch.cat((torch.stack((prediction, sparse)).detach(), weight * counts))
+    prediction, sparse, cause_hits, causes, isolate_hits, isolates = all_sum(sums).tolist()
     grad_norm = torch.nn.utils.clip_grad_norm_(hd.trainable_parameters(), hd.cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return dict(loss=prediction + w_sparse * sparse, prediction=prediction, sparsity=sparse,
-                sparsity_weight=w_sparse, grad_norm=grad_norm.item())
+                sparsity_weight=w_sparse, grad_norm=grad_norm.item(),
+                cause=cause_hits / causes if causes else None, isolate=isolate_hits / isolates if isolates else None)
 
 
 def fingerprint(examples):

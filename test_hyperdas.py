@@ -321,6 +321,24 @@ def test_sparsity_loss_manual():
     assert H.sparsity_loss(A).item() == pytest.approx(0.7)
 
 
+def test_each_step_records_what_its_batch_gets_right_per_kind(tok):
+    """history's cause / isolate: the share of the step's cause and isolate pairs answered right, judged as
+    evaluation judges them, before the step's update (the training curves behind the README's diagnosis)."""
+    model = make_model()
+    model.lm_head.weight.data *= 10       # peaked, so that some answers are right and some wrong
+    causes = learnable_examples(model, tok)
+    rows = causes[:4] + [dict(x, attribute_type="isolate") for x in causes[4:6]]
+    hd = new_hd(model, tok)
+    hit = hd.correct(rows)
+    assert sum(hit[:4]) / 4 != sum(hit[4:]) / 2, hit            # so that a swap of the two would show
+    record = hd.train(rows, epochs=1, batch_size=len(rows), progress=False)[0]
+    kinds = [r["attribute_type"] == "causal" for r in rows]
+    assert record["cause"] == sum(h for h, c in zip(hit, kinds) if c) / sum(kinds)
+    assert record["isolate"] == sum(h for h, c in zip(hit, kinds) if not c) / (len(rows) - sum(kinds))
+    accumulated = new_hd(model, tok).train(rows, epochs=1, batch_size=len(rows), grad_accum=2, progress=False)[0]
+    assert (accumulated["cause"], accumulated["isolate"]) == (record["cause"], record["isolate"])
+
+
 def test_prediction_loss_weights_examples():
     torch.manual_seed(5)
     logits = torch.randn(2, 3, 7)
