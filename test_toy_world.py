@@ -13,6 +13,8 @@ import toy_world
 from hyperdas import tokenize
 
 SMALL = dict(n_entities=40, steps=150, seed=0, progress=False)
+# The reduced known-position world for CI: measured (README) to take about N s on 2 cores.
+KNOWN = dict(attributes=["Continent", "Country"], n_entities=60, steps=500, pairs=2000, epochs=2)
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +244,26 @@ def test_the_known_position_world_patches_the_entitys_first_token():
             enc = tokenize(tokenizer, [template % entity], visible_chars=[toy_world.entity_chars(template, entity, position)])
             last = enc["input_ids"][0, enc["visible"][0].nonzero().max()]
             assert tokenizer.convert_ids_to_tokens(int(last)) == word, (template, position)
+
+
+def test_hyperdas_finds_the_known_position_that_das_is_not_told(tmp_path):
+    """The reduced known-position world (README, "A concept where DAS is not told to look"): a city world whose
+    facts are read from the entity's first token. Its control holds (patching the last entity token moves
+    nothing), and a briefly trained HyperDAS writes at the base entity's first token on far more cause pairs
+    than chance, reading the source entity's first token there."""
+    import sys
+    from pathlib import Path
+    import hyperdas as H
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
+    from analyses import where_it_writes
+    model, tokenizer = toy_world.toy_target("city", attributes=KNOWN["attributes"], n_entities=KNOWN["n_entities"],
+                                            steps=KNOWN["steps"], position="first", cache_dir=tmp_path, progress=False)
+    patching = model.config.toy_world["accuracy"]
+    assert patching["entity_patching"]["2"] > 0.5 and patching["last_token_patching"]["2"] < 0.05, patching
+    train = H.ravel_examples("city", "train", model, tokenizer, n=KNOWN["pairs"])
+    test = H.ravel_examples("city", "test", model, tokenizer, n=300)
+    hd = H.HyperDAS(model, tokenizer, **{k: v for k, v in H.TOY.items() if k not in ("epochs", "batch_size")})
+    hd.train(train, epochs=KNOWN["epochs"], batch_size=H.TOY["batch_size"], progress=False)
+    cause = where_it_writes(hd, test)["cause"]
+    assert cause["base_first"] > max(0.5, 4 * cause["chance_position"]), cause
+    assert cause["source_first"] > max(0.5, 4 * cause["chance_source"]), cause
