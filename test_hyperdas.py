@@ -300,6 +300,13 @@ def test_the_papers_sparsity_schedule_rises_from_zero_after_the_warm_up():
     cfg = H.HyperDASConfig(sparsity_schedule="paper")
     values = [H.sparsity_weight(t, 10, cfg) for t in range(10)]
     assert values[:5] == [0.0] * 5 and values[5:] == pytest.approx([1.5 * (t - 5) / 5 for t in range(5, 10)])
+    off = H.HyperDASConfig(sparsity_schedule="off")
+    assert [H.sparsity_weight(t, 10, off) for t in range(10)] == [0.0] * 10
+
+
+def test_the_toy_preset_uses_the_schedules_the_toy_measurements_chose():
+    assert (H.TOY["sparsity_schedule"], H.TOY["lr_schedule"]) == ("paper", "warmup_cosine")
+    assert "sparsity_schedule" not in H.PAPER      # real models keep the official schedules
 
 
 def test_the_learning_rate_schedule_warms_up_decays_and_is_what_training_uses(model, tok):
