@@ -280,8 +280,9 @@ def preflight(args):
         raise ValueError("--arch chooses the toy target's architecture; with --model the model's own is used: drop --arch.")
     if args.toy_position and args.model:
         raise ValueError("--toy_position chooses a toy target; with --model there is none: drop --toy_position.")
-    if args.toy_position == "first" and args.domain == "all":
-        raise ValueError("--toy_position first: the known-position world is built from one domain (city), not all.")
+    if args.toy_position == "first" and args.domain != "city":
+        raise ValueError(f"--toy_position first: the known-position world needs multi-token entity names, which "
+                         f"city has and {args.domain} does not: use --domain city.")
     config = target_config(args)
     if args.model:
         H.architecture(config)          # an architecture HyperDAS cannot copy exactly: refused now, not after loading
@@ -303,6 +304,7 @@ def preflight(args):
             except H.SafetensorError as err:
                 raise ValueError(f"{path / 'weights.safetensors'} is damaged ({err}); train again.") from None
         saved = dict(info["config"], method=info["method"])
+        args.das_position = args.das_position or saved.get("das_position")    # names the default --out
         for key, value in dict(flags, method=args.method).items():
             if key in saved and value is not None and value != saved[key]:
                 raise ValueError(f"--{key} {value} contradicts the checkpoint's {key} {saved[key]}; drop the flag.")
@@ -312,7 +314,7 @@ def preflight(args):
                              f"pass --domain {'all' if len(domains) > 1 else domains[0]}.")
         if info.get("target") and Path(info["target"]).name != Path(target_name(args)).name:
             raise ValueError(f"the checkpoint was trained on the target {info['target']}, not {target_name(args)}: "
-                             "pass the same --model (or, for a toy target, the same --domain).")
+                             "pass the same --model (or, for a toy target, the same --domain, --arch and --toy_position).")
         settings = {k: saved[k] for k in ("layer", "feature_dim", "num_blocks", "lr")}
         why = f"the checkpoint's, {args.model_path}"
     settings.update(flags)
@@ -326,7 +328,7 @@ def preflight(args):
     if settings["feature_dim"] > d:
         raise ValueError(f"--feature_dim {settings['feature_dim']} exceeds the hidden size {d}.")
     method = args.method or (saved["method"] if args.evaluate else "hyperdas")
-    if args.das_position and method != "das":
+    if args.das_position not in (None, "last") and method != "das":
         raise ValueError("--das_position places DAS's fixed intervention; HyperDAS chooses its own: add --method das.")
     if method == "hyperdas" and settings["num_blocks"] > n:
         raise ValueError(f"--num_blocks {settings['num_blocks']} exceeds the target's {n} layers to copy from.")
@@ -334,7 +336,7 @@ def preflight(args):
     out = Path(args.out or default_out(args, method))
     earlier = H.checkpoint_path(out / "checkpoint") / "training.json"
     if not args.evaluate and earlier.exists():      # a rerun must be the same run (its data is checked later)
-        saved_run = H.read_json(earlier).get("run") or {}
+        saved_run = H.with_config_defaults(H.read_json(earlier).get("run")) or {}
         planned = planned_run(settings, method, seed)
         diff = H.differences({k: saved_run.get(k) for k in planned}, planned)
         if diff:

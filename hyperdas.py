@@ -328,13 +328,13 @@ def target_inputs(enc):
 def first_entity_token(tokenizer, enc, prompts, prefixes, entities):
     """Index, in each left-padded row of `enc` (tokenize()'s batch of `prompts`, which begin with `prefixes`),
     of the token in which the entity that ends each prefix begins: [B]."""
-    for prefix, entity in zip(prefixes, entities):
-        if not prefix.endswith(entity):
+    for prompt, prefix, entity in zip(prompts, prefixes, entities):
+        if not (prompt.startswith(prefix) and prefix.endswith(entity)):
             raise ValueError(f"The prompt prefix {prefix[-40:]!r} does not end with its entity {entity!r}.")
     upto = visible_counts(tokenizer, prompts, [len(p) - len(e) + 1 for p, e in zip(prefixes, entities)])
     bos = int(tokenizer.bos_token_id is not None)
     pad = enc["input_ids"].shape[1] - enc["attention_mask"].sum(1)
-    return pad + bos + torch.tensor(upto) - 1
+    return pad + bos + torch.tensor(upto, device=pad.device) - 1
 
 
 def last_visible(visible):
@@ -397,6 +397,16 @@ def ravel_examples(domain, split, model, tokenizer, n=None, seed=0, data=None):
         taught = taught.get(domain)
     pairs = ravel_data.make_examples(domain, split, n, seed, attributes=taught, path=data,
                                      entities=world.get("entities"), isolate_attributes=taught)
+    if world.get("position", "last") != "last":
+        # The known-position world names each entity by its first token; where a sentence glues letters onto the
+        # entity ("%sspor") the first token is another one, so such prompts are not asked about it.
+        glued = lambda prompt, prefix: prompt[len(prefix):][:1].isalnum()
+        kept = [x for x in pairs if not glued(x["input_prefix"] + x["input_suffix"], x["input_prefix"]) and not
+                glued(x["counterfactual_input_prefix"] + x["counterfactual_input_suffix"], x["counterfactual_input_prefix"])]
+        if len(kept) < len(pairs) and is_main():
+            print(f"known-position world: dropped {len(pairs) - len(kept)} pairs whose prompt glues letters onto "
+                  "the entity", file=sys.stderr)
+        pairs = kept
     return filter_examples(pairs, model, tokenizer)
 
 
@@ -1180,12 +1190,21 @@ def differences(saved, now, prefix=""):
     return out
 
 
+def with_config_defaults(run):
+    """A saved run record whose config lacks options added since (e.g. das_position) gets their defaults,
+    which is what that run used."""
+    if not run or "config" not in run:
+        return run
+    return dict(run, config={**asdict(HyperDASConfig()), **run["config"]})
+
+
 def resume(hd, path, optimizer, run):
     """Continue the run saved at path: the same settings, schedule and data, or a one-line refusal."""
     path = checkpoint_path(path)
     meta = read_json(path / "training.json")
-    if meta.get("run") != run:
-        diff = "; ".join(differences(meta.get("run") or {}, run)) or "an older checkpoint format"
+    saved = with_config_defaults(meta.get("run"))
+    if saved != run:
+        diff = "; ".join(differences(saved or {}, run)) or "an older checkpoint format"
         raise ValueError(f"{path} holds a different run ({diff}): repeat its settings and data to resume it, "
                          f"or start fresh in another output directory (or delete {path}).")
     load_weights(hd, path)
@@ -1449,6 +1468,12 @@ class DAS(HyperDAS):
 
     def build(self):
         return DASNetwork(self.model.config.hidden_size, self.cfg.feature_dim, self.attributes)
+
+    def intervene(self, *args, **kwargs):
+        if self.cfg.das_position != "last":
+            raise ValueError("intervene() places DAS at the entity's last token, and this DAS was trained at its first: "
+                             "score it on examples instead (evaluate / correct).")
+        return super().intervene(*args, **kwargs)
 
     def collate(self, examples):
         batch = super().collate(examples)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -252,7 +253,7 @@ def test_a_home_relative_model_path_is_read(capsys, no_work, tmp_path, monkeypat
 
 def test_a_rerun_with_other_flags_is_refused_before_any_work(capsys, tmp_path, monkeypatch):
     model, tok = make_model(), make_tokenizer()
-    monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None, arch="llama": (model, tok))
+    monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None, arch="llama", position="last": (model, tok))
     monkeypatch.setattr(H, "ravel_examples", lambda domain, split, *a, **k: EXAMPLES)
     cli.main(["--domain", "city", "--epochs", "1", "--out", str(tmp_path / "run")])
     for name in ("toy_target", "load_target"):
@@ -315,7 +316,7 @@ def test_an_unsupported_architecture_and_arch_with_model_are_refused_before_load
 
 def test_seeds_run_one_training_each_and_report_mean_and_std(capsys, tmp_path, monkeypatch):
     model, tok = make_model(), make_tokenizer()
-    monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None, arch="llama": (model, tok))
+    monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None, arch="llama", position="last": (model, tok))
     monkeypatch.setattr(H, "ravel_examples", lambda domain, split, *a, **k: EXAMPLES)
     summary = cli.main(["--domain", "city", "--epochs", "2", "--seeds", "0,1", "--sparsity_schedule", "paper",
                         "--lr_schedule", "warmup_cosine", "--out", str(tmp_path / "run")])
@@ -339,3 +340,17 @@ def test_seeds_run_one_training_each_and_report_mean_and_std(capsys, tmp_path, m
                                         (["--sparsity_schedule", "linear"], "invalid choice")])
 def test_bad_seed_and_schedule_flags_are_refused_in_one_line(capsys, no_work, argv, says):
     assert says in refused(capsys, argv, code=2)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--toy_position", "first"], "use --domain city"),                                  # verb: one-token names
+    (["--domain", "city", "--toy_position", "first", "--model", "gpt2"], "drop --toy_position"),
+    (["--das_position", "first"], "add --method das")])
+def test_known_position_flags_are_refused_where_they_cannot_apply(capsys, no_work, tmp_path, argv, says):
+    assert says in refused(capsys, [*argv, "--out", str(tmp_path / "run")])
+
+
+def test_a_run_saved_before_an_option_existed_resumes_with_its_default():
+    saved = {"method": "das", "config": {k: v for k, v in asdict(H.HyperDASConfig()).items() if k != "das_position"}}
+    assert H.with_config_defaults(saved)["config"] == asdict(H.HyperDASConfig())
+    assert H.with_config_defaults(None) is None

@@ -876,7 +876,7 @@ def test_das_checkpoint_loads_back(model, tok, tmp_path):
 def test_command_line_round_trip_for_both_methods(model, tok, tmp_path, monkeypatch):
     import cli
     import toy_world
-    monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None, arch="llama": (model, tok))
+    monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None, arch="llama", position="last": (model, tok))
     monkeypatch.setattr(H, "ravel_examples", lambda domain, split, *a, **k: EXAMPLES)
     for method in ("hyperdas", "das"):
         out = tmp_path / method

@@ -173,7 +173,7 @@ def tiny_world(patch, n):
     At batch 4, 9 pairs make steps of 4, 4 and 1 example: one process's share of the last is empty; 11 pairs
     end with a step of 3: one process has one micro-batch there, the other two."""
     rows = varied(make_model(), make_tokenizer(), n)
-    patch(toy_world, "toy_target", lambda domain, device=None, arch="llama": (make_model(), make_tokenizer()))
+    patch(toy_world, "toy_target", lambda domain, device=None, arch="llama", position="last": (make_model(), make_tokenizer()))
     patch(H, "ravel_examples", lambda domain, split, *a, **k: list(rows))
     patch(cli, "ravel_ready", lambda: None)
     patch(H.HyperDAS, "make_optimizer", sgd)          # its momentum is resumed from the checkpoint

@@ -13,7 +13,7 @@ import toy_world
 from hyperdas import tokenize
 
 SMALL = dict(n_entities=40, steps=150, seed=0, progress=False)
-# The reduced known-position world for CI: measured (README) to take about N s on 2 cores.
+# The reduced known-position world for CI (README, "A concept where DAS is not told to look").
 KNOWN = dict(attributes=["Continent", "Country"], n_entities=60, steps=500, pairs=2000, epochs=2)
 
 
@@ -183,7 +183,7 @@ def test_all_target_knows_its_domains_and_ravel_examples_respects_them(tiny_all,
 def test_command_line_domain_all_trains_one_model_on_the_all_world(tiny_all, tmp_path, monkeypatch):
     import cli
     import hyperdas
-    monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None, arch="llama": tiny_all if domain == "all" else None)
+    monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None, arch="llama", position="last": tiny_all if domain == "all" else None)
     monkeypatch.setattr(hyperdas, "filter_examples", lambda pairs, model, tokenizer: pairs)  # 3 steps know nothing
     every = {a for attributes in ravel_data.DEFAULT_ATTRIBUTES.values() for a in attributes}
     for method in ("hyperdas", "das"):
@@ -208,7 +208,7 @@ def test_the_gpt2_world_is_a_gpt2_with_its_own_cache_entry_and_runs_from_the_com
     with pytest.raises(ValueError, match="Unknown toy architecture 'bert'"):
         toy_world.toy_target("verb", arch="bert", **tiny)
     seen = []
-    monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None, arch="llama": seen.append(arch) or (model, tokenizer))
+    monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None, arch="llama", position="last": seen.append(arch) or (model, tokenizer))
     monkeypatch.setattr(hyperdas, "filter_examples", lambda pairs, model, tokenizer: pairs)
     for method in ("hyperdas", "das"):
         results = cli.main(["--domain", "verb", "--arch", "gpt2", "--method", method, "--n_train", "48",

@@ -512,15 +512,18 @@ def world_spec(domain, attributes=None, n_entities=None, steps=None, seed=0, cac
         unknown = [a for a in attributes if a not in dom.attributes]
         if unknown or not attributes:
             raise ValueError(f"Unknown attribute(s) {unknown} for {domain}; valid: {', '.join(dom.attributes)}.")
-        n_entities = entity_count(dom, DEFAULT_ENTITIES[domain] if n_entities is None else n_entities)
+        if position == "last":
+            n_entities = entity_count(dom, DEFAULT_ENTITIES[domain] if n_entities is None else n_entities)
     else:
         raise ValueError(f"Unknown RAVEL domain {domain!r}; valid domains: {', '.join(ravel_data.DOMAINS)}, all.")
     steps = DEFAULT_STEPS[domain] if steps is None else steps
     if steps < 1:
         raise ValueError(f"steps={steps} must be at least 1.")
 
-    if position != "last" and n_entities is None:
-        n_entities = DEFAULT_ENTITIES[domain] or len(dom.entities)   # an upper bound: first_token_entities decides
+    if position != "last":      # an upper bound on the entities: first_token_entities decides how many qualify
+        if n_entities is not None and n_entities < 2:
+            raise ValueError(f"n_entities={n_entities} must be at least 2.")
+        n_entities = min(n_entities or DEFAULT_ENTITIES[domain] or len(dom.entities), len(dom.entities))
     # Keys of the Llama, last-token worlds are as before, so their cached targets stay valid.
     key = dict(recipe=RECIPE_VERSION, domain=domain, attributes=attributes, n_entities=n_entities,
                steps=steps, seed=seed, **({} if arch == "llama" else {"arch": arch}),
@@ -627,6 +630,7 @@ def build(folder, key, domain, doms, seed, progress, device):
     info = dict(key, position=position, entities=world.entities, held_out_templates=world.held_out,
                 train_seconds=spent, accuracy=report(world, model, tokenizer, seed))
     model.config.toy_world = info    # saved with the config, so a cached model still knows its world
+    model.config._name_or_path = str(folder)    # as if loaded from the cache: checkpoints record their target
     if progress:
         print(describe(info))
 

@@ -34,9 +34,15 @@ RUNS, RESULTS = HERE / "runs", HERE / "results"
 def train(analysis, name, flags):
     """One command-line run into benchmarks/runs/<analysis>/<name>; read back when it has finished."""
     out = RUNS / analysis / name
-    if (out / "results.json").exists():
+    recorded = out / "flags.json"
+    if recorded.exists() and json.loads(recorded.read_text()) != flags:
+        raise SystemExit(f"error: {out} holds a run with other flags ({' '.join(json.loads(recorded.read_text()))}); "
+                         "delete it to run this one")
+    if (out / "results.json").exists() and recorded.exists():
         return json.loads((out / "results.json").read_text()), out
     print(f"\n== {analysis}: {name}: hyperdas.py {' '.join(flags)}", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(flags))
     return cli.main([*flags, "--out", str(out)]), out
 
 
@@ -58,7 +64,12 @@ def where_it_writes(hd, examples, batch_size=64):
         rows = torch.arange(len(part), device=weights.device)
         changed = (1 - weights[:, -1]).masked_fill(~base["visible"], -1)      # [B, Tb]
         j = changed.argmax(1)
-        read = weights[rows, :-1, j].masked_fill(~source["visible"], -1).argmax(1)
+        column = weights[rows, :-1, j].masked_fill(~source["visible"], -1)
+        read = column.argmax(1)
+        # argmax takes the first of equal values: count the pairs where it had to choose, so a tie cannot pass
+        # for a choice of the first entity token.
+        tied = ((changed == changed.max(1, keepdim=True).values).sum(1) > 1) | \
+               ((column == column.max(1, keepdim=True).values).sum(1) > 1)
         spans = {}
         for key, side, entity in (("base", "input_", "entity"), ("source", "counterfactual_input_", "counterfactual_entity")):
             prefixes = [x[side + "prefix"] for x in part]
@@ -73,7 +84,7 @@ def where_it_writes(hd, examples, batch_size=64):
             base_last=(j == b_last).float(), source_first=(read == s_first).float(), source_last=(read == s_last).float(),
             both_first=((j == b_first) & (read == s_first)).float(),
             chance_entity=(b_last - b_first + 1).float() / n_base, chance_position=1 / n_base,
-            chance_source=1 / n_source, replaced=changed[rows, j])
+            chance_source=1 / n_source, replaced=changed[rows, j], ties=tied.float())
         for k, kind in enumerate(x["attribute_type"] for x in part):
             row = tally.setdefault("cause" if kind == "causal" else "isolate", {c: [] for c in columns})
             for c, v in columns.items():
@@ -229,7 +240,8 @@ def known_position(args):
                        ["reads the source entity's first token there", f"{c['source_first']:.3f}",
                         f"{c['chance_source']:.3f}"],
                        ["both true (base and source first tokens)", f"{c['both_first']:.3f}",
-                        f"{c['chance_position'] * c['chance_source']:.4f}"]]))
+                        f"{c['chance_position'] * c['chance_source']:.4f}"],
+                       ["pairs where two positions tied for the largest weight", f"{c['ties']:.3f}", ""]]))
     save("known_position", table, None, dict(runs={n: r for n, (r, _) in runs.items()}, where_it_writes=w))
 
 
