@@ -128,6 +128,8 @@ def plot(xlabel, ylabel, series, title, logx=False):
         ax.plot(xs, ys, marker="o", label=label)
     if logx:
         ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({x for xs, _ in series.values() for x in xs}))
+    ax.set_xticklabels([str(x) for x in sorted({x for xs, _ in series.values() for x in xs})])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.02)
