@@ -18,7 +18,7 @@ import ravel_data
 
 H = None   # hyperdas, imported by main() once the flags are read
 
-SIZES = {"train": 6000, "test": 2000}   # mirrors hyperdas.SIZES, for --help without importing torch
+SIZES = {"train": 6000, "test": 2000}   # mirrors target.SIZES, for --help without importing torch
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -336,7 +336,7 @@ def preflight(args):
     out = Path(args.out or default_out(args, method))
     earlier = H.checkpoint_path(out / "checkpoint") / "training.json"
     if not args.evaluate and earlier.exists():      # a rerun must be the same run (its data is checked later)
-        saved_run = H.with_config_defaults(H.read_json(earlier).get("run")) or {}
+        saved_run = H.with_defaults(H.read_json(earlier).get("run"), asdict(H.HyperDASConfig())) or {}
         planned = planned_run(settings, method, seed)
         diff = H.differences({k: saved_run.get(k) for k in planned}, planned)
         if diff:

@@ -351,6 +351,7 @@ def test_known_position_flags_are_refused_where_they_cannot_apply(capsys, no_wor
 
 
 def test_a_run_saved_before_an_option_existed_resumes_with_its_default():
-    saved = {"method": "das", "config": {k: v for k, v in asdict(H.HyperDASConfig()).items() if k != "das_position"}}
-    assert H.with_config_defaults(saved)["config"] == asdict(H.HyperDASConfig())
-    assert H.with_config_defaults(None) is None
+    defaults = asdict(H.HyperDASConfig())
+    saved = {"method": "das", "config": {**{k: v for k, v in defaults.items() if k != "das_position"}, "lr": 0.123}}
+    assert H.with_defaults(saved, defaults)["config"] == {**defaults, "lr": 0.123}     # what it saved wins
+    assert H.with_defaults(None, defaults) is None

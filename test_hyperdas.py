@@ -8,6 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import hyperdas as H
+import target
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -909,17 +910,17 @@ def test_checkpoint_directory_switches_as_a_whole(model, tok, tmp_path, monkeypa
     with pytest.raises(OSError):          # a crash while writing leaves the old checkpoint untouched
         H.write_checkpoint(tmp_path / "ckpt", {"weights.safetensors": lambda p: p.write_bytes(b"x"), "config.json": crash})
     assert (tmp_path / "ckpt" / "weights.safetensors").read_bytes() == first
-    replace, calls = H.os.replace, []
+    replace, calls = os.replace, []
 
     def cut_after_first_rename(src, dst):
         calls.append(dst)
         if len(calls) == 2:
             raise KeyboardInterrupt
         replace(src, dst)
-    monkeypatch.setattr(H.os, "replace", cut_after_first_rename)
+    monkeypatch.setattr(os, "replace", cut_after_first_rename)
     with pytest.raises(KeyboardInterrupt):   # cut between the two renames: only ckpt.old exists
         hd.save(tmp_path / "ckpt")
-    monkeypatch.setattr(H.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     assert not (tmp_path / "ckpt").exists()
     loaded = H.HyperDAS.load(tmp_path / "ckpt", model, tok)     # takes ckpt.old back: the complete old one
     assert (tmp_path / "ckpt" / "weights.safetensors").read_bytes() == first and loaded.step == 0
@@ -971,7 +972,7 @@ def test_the_seed_quick_start_runs_as_written(toy_cache, monkeypatch):
     except FileNotFoundError as err:
         pytest.skip(f"RAVEL data not available: {err}")
     folder = next(p for p in toy_cache.iterdir() if p.name.startswith("verb-"))
-    monkeypatch.setattr(H, "SIZES", {"train": 240, "test": 80})
+    monkeypatch.setattr(target, "SIZES", {"train": 240, "test": 80})
     model = AutoModelForCausalLM.from_pretrained(folder)
     hyperdas = H.HyperDAS(model=model, layer=2, feature_dim=8, num_blocks=1)
     hyperdas.train(dataset_path="data/ravel/verb", epochs=1, batch_size=32)

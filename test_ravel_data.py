@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ravel_data as R
+import target
 
 # Entities per domain after dropping the two all-empty Nobel laureates (928 in the raw file).
 ENTITY_COUNTS = {"city": 3552, "nobel_prize_winner": 926, "occupation": 799, "physical_object": 563, "verb": 986}
@@ -422,7 +423,7 @@ def test_make_examples_restricted_to_given_entities(folder):
 def test_ravel_examples_asks_a_toy_target_only_what_it_was_taught(folder, monkeypatch):
     import hyperdas as H
     monkeypatch.setenv("RAVEL_DATA", str(folder))
-    monkeypatch.setattr(H, "filter_examples", lambda pairs, model, tokenizer: pairs)    # no model needed here
+    monkeypatch.setattr(target, "filter_examples", lambda pairs, model, tokenizer: pairs)    # no model needed here
     cities = sorted(R.load_domain("city", folder).entities)[:60]
     toy = SimpleNamespace(config=SimpleNamespace(toy_world={"entities": cities, "attributes": ["Country", "Continent"]}))
     rows = H.ravel_examples("city", "test", toy, tokenizer=None, n=400)

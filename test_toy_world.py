@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 import ravel_data
+import target
 import toy_world
 from hyperdas import tokenize
 
@@ -170,7 +171,7 @@ def test_all_target_knows_its_domains_and_ravel_examples_respects_them(tiny_all,
     info = model.config.toy_world
     assert {d: len(e) for d, e in info["entities"].items()} == {d: 8 for d in ravel_data.DOMAINS}
     assert info["attributes"] == {d: ravel_data.DEFAULT_ATTRIBUTES[d] for d in ravel_data.DOMAINS}
-    monkeypatch.setattr(hyperdas, "filter_examples", lambda pairs, model, tokenizer: pairs)
+    monkeypatch.setattr(target, "filter_examples", lambda pairs, model, tokenizer: pairs)
     rows = hyperdas.ravel_examples("all", "test", model, None, n=500)
     assert {r["domain"] for r in rows} == set(ravel_data.DOMAINS)
     assert all({r["entity"], r["counterfactual_entity"]} <= set(info["entities"][r["domain"]]) for r in rows)
@@ -184,7 +185,7 @@ def test_command_line_domain_all_trains_one_model_on_the_all_world(tiny_all, tmp
     import cli
     import hyperdas
     monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None, arch="llama", position="last": tiny_all if domain == "all" else None)
-    monkeypatch.setattr(hyperdas, "filter_examples", lambda pairs, model, tokenizer: pairs)  # 3 steps know nothing
+    monkeypatch.setattr(target, "filter_examples", lambda pairs, model, tokenizer: pairs)  # 3 steps know nothing
     every = {a for attributes in ravel_data.DEFAULT_ATTRIBUTES.values() for a in attributes}
     for method in ("hyperdas", "das"):
         results = cli.main(["--domain", "all", "--method", method, "--n_train", "200", "--n_test", "400",
@@ -209,7 +210,7 @@ def test_the_gpt2_world_is_a_gpt2_with_its_own_cache_entry_and_runs_from_the_com
         toy_world.toy_target("verb", arch="bert", **tiny)
     seen = []
     monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None, arch="llama", position="last": seen.append(arch) or (model, tokenizer))
-    monkeypatch.setattr(hyperdas, "filter_examples", lambda pairs, model, tokenizer: pairs)
+    monkeypatch.setattr(target, "filter_examples", lambda pairs, model, tokenizer: pairs)
     for method in ("hyperdas", "das"):
         results = cli.main(["--domain", "verb", "--arch", "gpt2", "--method", method, "--n_train", "48",
                             "--n_test", "32", "--epochs", "1", "--out", str(tmp_path / method)])

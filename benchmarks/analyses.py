@@ -59,7 +59,8 @@ def where_it_writes(hd, examples, batch_size=64):
     for i in range(0, len(examples), batch_size):
         part = examples[i:i + batch_size]
         batch = hd.collate(part)
-        weights = hd.forward(batch, "soft")[3].float()                       # [B, Ts + 1, Tb]
+        with hd.autocast():                          # steps 1-3 only: the choice, without the intervened forward
+            weights = hd.plan(batch)[0].float()                              # [B, Ts + 1, Tb], soft
         base, source = batch["base"], batch["source"]
         rows = torch.arange(len(part), device=weights.device)
         changed = (1 - weights[:, -1]).masked_fill(~base["visible"], -1)      # [B, Tb]
