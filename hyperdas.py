@@ -18,7 +18,6 @@ distributed.py, files and interrupts in files.py; the command line is cli.py. Im
 effects.
 """
 import contextlib
-import inspect
 import json
 import math
 import string
@@ -47,11 +46,12 @@ from checkpoints import (checkpoint_info, differences, fingerprint, load_weights
 from files import (atomic_write, checkpoint_path, deferred_interrupts, is_checkpoint, read_json,  # noqa: F401
                    read_tensors, writable, write_checkpoint)
 from target import (LAYER_PARTS, SIZES, SUPPORTED, answer_correct, answer_ids, answer_labels,  # noqa: F401
-                    answer_separator, answer_window, architecture, check_layer, decoder_layers, default_tokenizer,
-                    encode, entity_end, entity_in, examples_of, filter_examples, final_norm, first_entity_token, freeze,
-                    hidden_states, last_visible, layer_weights, load_target, module_at, patch_layer,
-                    ravel_examples, target_inputs, target_positions, target_rope, token_offsets, tokenize,
-                    visible_counts, whole_words)
+                    answer_separator, answer_window, architecture, check_layer, chosen_positions,
+                    decoder_layers, default_tokenizer, encode, entity_end, entity_first_tokens, entity_in,
+                    examples_of, filter_examples, final_norm, first_entity_token, freeze,
+                    greedy_continuation, hidden_states, last_visible, layer_weights, load_target, module_at,
+                    patch_layer, ravel_examples, target_inputs, target_positions, target_rope, token_offsets,
+                    tokenize, tokenize_prompt, visible_counts, whole_words)
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
@@ -896,47 +896,23 @@ class HyperDAS:
             base_entity = entity_in(base_prompt, self.domains, "base")
         if "source" in needed and source_entity is None:
             source_entity = entity_in(counterfactual_prompt, self.domains, "source")
-
-        def upto(prompt, entity, name):
-            if entity is None:
-                return None
-            if entity_end(prompt, entity) is None:
-                raise ValueError(f"{name}={entity!r} does not occur in {prompt!r} as a word of its own.")
-            return [entity_end(prompt, entity)]
         tok = self.tokenizer
         instruction = instruction_text(self.cfg.instruction_template, base_entity, source_entity, attribute)
-        batch = self.batch(tokenize(tok, [base_prompt], visible_chars=upto(base_prompt, base_entity, "base_entity")),
-                           tokenize(tok, [counterfactual_prompt],
-                                    visible_chars=upto(counterfactual_prompt, source_entity, "source_entity")),
+        batch = self.batch(tokenize_prompt(tok, base_prompt, base_entity, "base"),
+                           tokenize_prompt(tok, counterfactual_prompt, source_entity, "source"),
                            tokenize(tok, [instruction]), [attribute])
         self.net.eval()
         base = batch["base"]
-        # transformers 5.2x renamed forward's past_key_values to cache; pass whichever this version takes.
-        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         with self.autocast():
             weights, basis, h_source = self.plan(batch)
             weights = harden(weights, mode, self.cfg.bidding_threshold)
-            with patch_layer(self.model, self.cfg.layer, lambda h: interchange(h, h_source, weights, basis)):
-                out = self.model(**target_inputs(base), use_cache=True)   # the prompt, intervened once
-            new, position = [], base["input_ids"].shape[1]
-            for _ in range(max_new_tokens):   # later tokens read the intervened prompt through the cache
-                token = out.logits[:, -1].argmax(-1, keepdim=True)
-                if token.item() == tok.eos_token_id:
-                    break
-                new.append(token.item())
-                cache = out["cache"] if "cache" in out else out["past_key_values"]
-                out = self.model(input_ids=token, use_cache=True, **{cache_arg: cache},
-                                 position_ids=torch.tensor([[position]], device=self.device))
-                position += 1
+            new = greedy_continuation(self.model, target_inputs(base), max_new_tokens, tok.eos_token_id,
+                                      patch_layer(self.model, self.cfg.layer,
+                                                  lambda h: interchange(h, h_source, weights, basis)))
         text = tok.decode(new)
         if not return_positions:
             return text
-        names = lambda enc: tok.convert_ids_to_tokens(enc["input_ids"][0].tolist())
-        base_tokens, source_tokens = names(base), names(batch["source"])
-        w = weights[0].float()                                                  # [Ts+1, Tb]
-        chosen = [(base_tokens[j], source_tokens[i], round(w[i, j].item(), 3))
-                  for j, i in enumerate(w.argmax(0).tolist()) if i < len(source_tokens)]
-        return text, chosen
+        return text, chosen_positions(tok, base, batch["source"], weights[0])
 
     def save(self, path):
         """Write weights and configuration to the directory `path` (replaced as a whole)."""
@@ -988,12 +964,8 @@ class DAS(HyperDAS):
     def collate(self, examples):
         batch = super().collate(examples)
         if self.cfg.das_position == "first":      # where each entity's first token is: [B] per prompt
-            for key, side in (("base", "input_"), ("source", "counterfactual_input_")):
-                entities = [x["entity" if key == "base" else "counterfactual_entity"] for x in examples]
-                prefixes = [x[side + "prefix"] for x in examples]
-                prompts = [p + x[side + "suffix"] for p, x in zip(prefixes, examples)]
-                batch[f"{key}_at"] = first_entity_token(self.tokenizer, batch[key], prompts, prefixes,
-                                                        entities).to(self.device)
+            for key in ("base", "source"):
+                batch[f"{key}_at"] = entity_first_tokens(self.tokenizer, batch[key], examples, key).to(self.device)
         return batch
 
     def plan(self, batch):

@@ -6,6 +6,7 @@ knows, the entity names in a prompt, and how each supported architecture lays ou
 hyperdas.py re-exports every name here; nothing here imports hyperdas.py.
 """
 import contextlib
+import inspect
 import os
 import re
 import sys
@@ -124,6 +125,26 @@ def patch_layer(model, layer, fn):
         handle.remove()
 
 
+def greedy_continuation(model, inputs, max_new_tokens, eos_token_id, patch=contextlib.nullcontext()):
+    """The greedy continuation's token ids: the prompt runs once inside `patch` (an intervention such as
+    patch_layer's), and later tokens read the patched prompt through the key/value cache."""
+    # transformers 5.2x renamed forward's past_key_values to cache; pass whichever this version takes.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with patch:
+        out = model(**inputs, use_cache=True)
+    new, position = [], inputs["input_ids"].shape[1]
+    for _ in range(max_new_tokens):
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        if token.item() == eos_token_id:
+            break
+        new.append(token.item())
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        out = model(input_ids=token, use_cache=True, **{cache_arg: cache},
+                    position_ids=torch.tensor([[position]], device=token.device))
+        position += 1
+    return new
+
+
 def answer_separator(prompt):
     """The official space rule: a space before the answer unless the prompt ends in whitespace, " ' or (."""
     return "" if not prompt or prompt[-1].isspace() or prompt[-1] in "\"'(" else " "
@@ -206,6 +227,17 @@ def tokenize(tokenizer, prompts, answers=None, visible_chars=None):
     return out
 
 
+def tokenize_prompt(tokenizer, prompt, entity, role):
+    """One prompt for the hypernetwork, visible up to its `role` ("base" or "source") entity, or whole
+    when the entity is None."""
+    if entity is None:
+        return tokenize(tokenizer, [prompt])
+    end = entity_end(prompt, entity)
+    if end is None:
+        raise ValueError(f"{role}_entity={entity!r} does not occur in {prompt!r} as a word of its own.")
+    return tokenize(tokenizer, [prompt], visible_chars=[end])
+
+
 def answer_window(labels):
     """How many last positions' logits cover every row's answer predictions (rows are left-padded, so all
     answers end at the last position): the longest answer + 1. Passed to the model as logits_to_keep."""
@@ -241,6 +273,23 @@ def first_entity_token(tokenizer, enc, prompts, prefixes, entities):
     bos = int(tokenizer.bos_token_id is not None)
     pad = enc["input_ids"].shape[1] - enc["attention_mask"].sum(1)
     return pad + bos + torch.tensor(upto, device=pad.device) - 1
+
+
+def entity_first_tokens(tokenizer, enc, examples, role):
+    """first_entity_token() of RAVEL examples' base (role "base") or counterfactual ("source") prompts."""
+    side, entity = ("input_", "entity") if role == "base" else ("counterfactual_input_", "counterfactual_entity")
+    prefixes = [x[side + "prefix"] for x in examples]
+    prompts = [p + x[side + "suffix"] for p, x in zip(prefixes, examples)]
+    return first_entity_token(tokenizer, enc, prompts, prefixes, [x[entity] for x in examples])
+
+
+def chosen_positions(tokenizer, base, source, weights):
+    """(base token, source token, weight) for one pair's every base position whose largest share of the
+    selection weights [Ts+1, Tb] is a source token (not keep)."""
+    names = lambda enc: tokenizer.convert_ids_to_tokens(enc["input_ids"][0].tolist())
+    base_tokens, source_tokens, w = names(base), names(source), weights.float()
+    return [(base_tokens[j], source_tokens[i], round(w[i, j].item(), 3))
+            for j, i in enumerate(w.argmax(0).tolist()) if i < len(source_tokens)]
 
 
 def last_visible(visible):

@@ -460,6 +460,14 @@ def test_intervene_greedy_token_equals_the_intervened_forward(model, tok):
     weights, basis, h_source = hd.plan(batch)
     expected = hd.intervened_logits(batch["base"], weights, basis, h_source)[0, -1].argmax().item()
     assert text == tok.convert_ids_to_tokens(expected)
+    # The positions it reports are the argmax of each base column of the weights, when a source token wins.
+    _, chosen = hd.intervene("the city of Vienna is in", "I love Paris", "Country", "Vienna", "Paris",
+                             max_new_tokens=1, return_positions=True)
+    names = lambda enc: tok.convert_ids_to_tokens(enc["input_ids"][0].tolist())
+    w, Ts = weights[0], batch["source"]["input_ids"].shape[1]
+    manual = [(names(batch["base"])[j], names(batch["source"])[int(w[:, j].argmax())], round(w[:, j].max().item(), 3))
+              for j in range(w.shape[1]) if int(w[:, j].argmax()) < Ts]
+    assert chosen == manual and manual
 
 
 def test_bad_inputs_raise_clear_errors(model, tok):

@@ -72,11 +72,8 @@ def where_it_writes(hd, examples, batch_size=64):
         tied = ((changed == changed.max(1, keepdim=True).values).sum(1) > 1) | \
                ((column == column.max(1, keepdim=True).values).sum(1) > 1)
         spans = {}
-        for key, side, entity in (("base", "input_", "entity"), ("source", "counterfactual_input_", "counterfactual_entity")):
-            prefixes = [x[side + "prefix"] for x in part]
-            prompts = [p + x[side + "suffix"] for p, x in zip(prefixes, part)]
-            first = H.first_entity_token(hd.tokenizer, batch[key], prompts, prefixes,
-                                         [x[entity] for x in part]).to(weights.device)
+        for key in ("base", "source"):
+            first = H.entity_first_tokens(hd.tokenizer, batch[key], part, key).to(weights.device)
             spans[key] = first, H.last_visible(batch[key]["visible"])
         (b_first, b_last), (s_first, s_last) = spans["base"], spans["source"]
         n_base, n_source = base["visible"].sum(1).float(), source["visible"].sum(1).float()
