@@ -103,7 +103,7 @@ def build_parser():
                    "-seed<N> appended), then cause / isolate / disentangle as mean +- std over them")
     p.add_argument("--sparsity_schedule", choices=("official", "paper", "off"), help="official: after the warm-up, "
                    "linspace(0.15, 1.5) from step 0 (a jump to 0.825); paper: rising from 0 to 1.5; off: no sparsity "
-                   "loss (default: from the model's settings: off for the toy target, official otherwise)")
+                   "loss (default: from the model's settings: paper for the toy target, official otherwise)")
     p.add_argument("--lr_schedule", choices=("constant", "warmup_cosine"), help="constant (official; the default "
                    "for real models), or warmup_cosine (the toy target's): 5%% linear warm-up, then cosine decay to "
                    "10%% of the rate")

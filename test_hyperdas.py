@@ -306,7 +306,7 @@ def test_the_papers_sparsity_schedule_rises_from_zero_after_the_warm_up():
 
 
 def test_the_toy_preset_uses_the_schedules_the_toy_measurements_chose():
-    assert (H.TOY["sparsity_schedule"], H.TOY["lr_schedule"]) == ("off", "warmup_cosine")
+    assert (H.TOY["sparsity_schedule"], H.TOY["lr_schedule"]) == ("paper", "warmup_cosine")
     assert "sparsity_schedule" not in H.PAPER      # real models keep the official schedules
 
 
