@@ -126,18 +126,21 @@ def patch_layer(model, layer, fn):
 
 
 def greedy_continuation(model, inputs, max_new_tokens, eos_token_id, patch=contextlib.nullcontext()):
-    """The greedy continuation's token ids: the prompt runs once inside `patch` (an intervention such as
-    patch_layer's), and later tokens read the patched prompt through the key/value cache."""
+    """The greedy continuation of one prompt, as token ids: the prompt runs once inside `patch` (an
+    intervention such as patch_layer's), and later tokens read the patched prompt through the key/value
+    cache. Without a patch it is model.generate's greedy continuation."""
     # transformers 5.2x renamed forward's past_key_values to cache; pass whichever this version takes.
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with patch:
         out = model(**inputs, use_cache=True)
     new, position = [], inputs["input_ids"].shape[1]
-    for _ in range(max_new_tokens):
+    while len(new) < max_new_tokens:
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         if token.item() == eos_token_id:
             break
         new.append(token.item())
+        if len(new) == max_new_tokens:       # the last token needs no forward of its own
+            break
         cache = out["cache"] if "cache" in out else out["past_key_values"]
         out = model(input_ids=token, use_cache=True, **{cache_arg: cache},
                     position_ids=torch.tensor([[position]], device=token.device))

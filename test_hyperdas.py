@@ -470,6 +470,26 @@ def test_intervene_greedy_token_equals_the_intervened_forward(model, tok):
     assert chosen == manual and manual
 
 
+def test_greedy_continuation_without_a_patch_is_generate_with_one_forward_per_token(model, tok):
+    """The key/value cache and the positions of intervene()'s decoding: unpatched, they give what
+    model.generate gives greedily, and the last token costs no forward."""
+    enc = H.tokenize(tok, ["the city of Vienna is in"])
+    inputs = H.target_inputs(enc)
+    positions = []            # the position_ids of each forward
+    record = lambda module, args, kwargs: positions.append(kwargs["position_ids"].tolist())
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        ours = H.greedy_continuation(model, inputs, 6, eos_token_id=None)
+    finally:
+        handle.remove()
+    theirs = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                            pad_token_id=tok.pad_token_id)[0, inputs["input_ids"].shape[1]:].tolist()
+    T = inputs["input_ids"].shape[1]
+    assert ours == theirs and len(ours) == 6
+    # 6 tokens, 6 forwards: the prompt, then each new token at its own place
+    assert positions == [inputs["position_ids"].tolist()] + [[[T + i]] for i in range(5)]
+
+
 def test_bad_inputs_raise_clear_errors(model, tok):
     with pytest.raises(ValueError, match="layer=4 is out of range"):
         new_hd(model, tok, layer=4)
