@@ -319,7 +319,7 @@ def test_seeds_run_one_training_each_and_report_mean_and_std(capsys, tmp_path, m
     monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None, arch="llama", position="last": (model, tok))
     monkeypatch.setattr(H, "ravel_examples", lambda domain, split, *a, **k: EXAMPLES)
     summary = cli.main(["--domain", "city", "--epochs", "2", "--seeds", "0,1", "--sparsity_schedule", "paper",
-                        "--lr_schedule", "warmup_cosine", "--out", str(tmp_path / "run")])
+                        "--sparsity_end", "0.5", "--lr_schedule", "warmup_cosine", "--out", str(tmp_path / "run")])
     runs = [json.loads((tmp_path / f"run-seed{s}" / "results.json").read_text()) for s in (0, 1)]
     for key in ("cause", "isolate", "disentangle"):
         values = [r["mode"]["soft"][key] for r in runs]
@@ -328,6 +328,7 @@ def test_seeds_run_one_training_each_and_report_mean_and_std(capsys, tmp_path, m
     assert json.loads((tmp_path / "run-seeds.json").read_text())["seeds"] == [0, 1]
     saved = json.loads((tmp_path / "run-seed1" / "checkpoint" / "config.json").read_text())["config"]
     assert (saved["seed"], saved["sparsity_schedule"], saved["lr_schedule"]) == (1, "paper", "warmup_cosine")
+    assert saved["sparsity_end"] == 0.5
     assert "mean +- std" in capsys.readouterr().out
     row = lambda x: dict(cause=x, isolate=1 - x, disentangle=0.5)
     s = cli.spread([row(0.2), row(0.4), row(0.9)])         # the sample standard deviation, over seeds
@@ -337,7 +338,9 @@ def test_seeds_run_one_training_each_and_report_mean_and_std(capsys, tmp_path, m
 
 @pytest.mark.parametrize("argv, says", [(["--seeds", "0,0"], "repeats a seed"), (["--seeds", "a"], "not a comma"),
                                         (["--seeds", "0,1", "--seed", "2"], "drop --seed"),
-                                        (["--sparsity_schedule", "linear"], "invalid choice")])
+                                        (["--sparsity_schedule", "linear"], "invalid choice"),
+                                        (["--sparsity_end", "-1"], "not a number >= 0"),
+                                        (["--sparsity_end", "nan"], "not a number >= 0")])
 def test_bad_seed_and_schedule_flags_are_refused_in_one_line(capsys, no_work, argv, says):
     assert says in refused(capsys, argv, code=2)
 
