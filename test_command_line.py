@@ -339,8 +339,9 @@ def test_seeds_run_one_training_each_and_report_mean_and_std(capsys, tmp_path, m
 @pytest.mark.parametrize("argv, says", [(["--seeds", "0,0"], "repeats a seed"), (["--seeds", "a"], "not a comma"),
                                         (["--seeds", "0,1", "--seed", "2"], "drop --seed"),
                                         (["--sparsity_schedule", "linear"], "invalid choice"),
-                                        (["--sparsity_end", "-1"], "not a number >= 0"),
-                                        (["--sparsity_end", "nan"], "not a number >= 0")])
+                                        (["--sparsity_end", "-1"], "not a finite number >= 0"),
+                                        (["--sparsity_end", "nan"], "not a finite number >= 0"),
+                                        (["--sparsity_end", "inf"], "not a finite number >= 0")])
 def test_bad_seed_and_schedule_flags_are_refused_in_one_line(capsys, no_work, argv, says):
     assert says in refused(capsys, argv, code=2)
 
@@ -348,7 +349,8 @@ def test_bad_seed_and_schedule_flags_are_refused_in_one_line(capsys, no_work, ar
 @pytest.mark.parametrize("argv, says", [
     (["--toy_position", "first"], "use --domain city"),                                  # verb: one-token names
     (["--domain", "city", "--toy_position", "first", "--model", "gpt2"], "drop --toy_position"),
-    (["--das_position", "first"], "add --method das")])
+    (["--das_position", "first"], "add --method das"),
+    (["--sparsity_schedule", "off", "--sparsity_end", "0.5"], "never uses: drop one")])
 def test_known_position_flags_are_refused_where_they_cannot_apply(capsys, no_work, tmp_path, argv, says):
     assert says in refused(capsys, [*argv, "--out", str(tmp_path / "run")])
 
