@@ -205,6 +205,38 @@ def test_pair_scores_are_joint_not_additive():
     assert (over_source[:, 0] - over_source[:, 1]).abs().max() > 1e-2
 
 
+def test_the_ablation_heads_are_ours_and_the_official_one_switch_by_switch():
+    """benchmarks/head_ablation.py: with no switch its head is TokenSelector; each switch is the official form."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
+    from head_ablation import AblatedSelector
+    torch.manual_seed(4)
+    inputs = (torch.randn(2, 16), torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool),
+              torch.randn(2, 4, 16), torch.ones(2, 4, dtype=torch.bool))
+    ours = H.TokenSelector(16, 16)
+    for p in ours.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    heads = {}
+    for name, switches in dict(ours={}, linear=dict(joint=False), keep=dict(keep="base"), four=dict(heads=4)).items():
+        heads[name] = AblatedSelector(16, 16, **switches)
+        heads[name].load_state_dict(ours.state_dict(), strict=False)
+        torch.nn.init.normal_(heads[name].null_key.weight, std=0.5)
+    A = {name: head(*inputs) for name, head in heads.items()}
+    assert torch.allclose(A["ours"], ours(*inputs), atol=1e-6)
+    # Linear key: every base position gets the same distribution over source tokens (score f(j) + g(i)).
+    over_source = A["linear"][:, :-1] / A["linear"][:, :-1].sum(1, keepdim=True)
+    assert torch.allclose(over_source, over_source[:, :, :1].expand_as(over_source), atol=1e-6)
+    # Keep from the base state: the keep logit minus a source logit is q.W_k h_b - q.silu(pair), over sqrt(P).
+    q, hb = heads["keep"].query(inputs[0]), inputs[1]
+    pair = torch.nn.functional.silu(heads["keep"].source_key(inputs[3])[:, :, None] + heads["keep"].base_key(hb)[:, None])
+    gap = (torch.einsum("bjp,bp->bj", heads["keep"].null_key(hb), q) - torch.einsum("bjp,bp->bj", pair[:, 0], q)) / 4
+    assert torch.allclose(A["keep"][:, -1].log() - A["keep"][:, 0].log(), gap, atol=1e-4)
+    # Four heads averaged: every logit difference is half of one query's (sqrt(4)).
+    log_ours, log_four = A["ours"].log(), A["four"].log()
+    assert torch.allclose(log_four[:, 1:] - log_four[:, :1], (log_ours[:, 1:] - log_ours[:, :1]) / 2, atol=1e-4)
+
+
 def test_inference_modes_on_a_hand_made_matrix():
     # rows: 2 source tokens + keep; columns: 3 base positions
     A = torch.tensor([[[0.6, 0.7, 0.0], [0.3, 0.05, 0.2], [0.1, 0.25, 0.8]]])
