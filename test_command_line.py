@@ -314,6 +314,33 @@ def test_an_unsupported_architecture_and_arch_with_model_are_refused_before_load
     assert "drop --arch" in refused(capsys, ["--model", str(tmp_path / "m"), "--arch", "gpt2", "--out", str(tmp_path / "o")])
 
 
+def test_the_analyses_forward_sparsity_end_except_to_the_run_without_the_loss(monkeypatch, tmp_path, no_work):
+    """benchmarks/analyses.py --sparsity_end reaches every run that has a sparsity loss, and each run's flags
+    pass the command line's own checks (which refuse --sparsity_end with --sparsity_schedule off)."""
+    import argparse
+    sys.path.insert(0, str(HERE / "benchmarks"))
+    import analyses
+    scores = dict(cause=0.5, isolate=0.5, disentangle=0.5)
+    seen = {}
+
+    def train(analysis, name, flags):
+        args = cli.build_parser().parse_args([*flags, "--out", str(tmp_path / name)])
+        cli.preflight(args)
+        seen[name] = flags
+        return dict(mode={m: scores for m in H.MODES}, seconds=1.0), tmp_path
+    monkeypatch.setattr(analyses, "train", train)
+    monkeypatch.setattr(analyses, "save", lambda *args: None)
+    monkeypatch.setattr(cli, "H", H)            # main() imports it; preflight is called here directly
+    for end in (1.5, None):
+        seen.clear()
+        analyses.sparsity(argparse.Namespace(domain="verb", seed=0, epochs=2, sparsity_end=end))
+        for schedule in ("official", "paper", "off"):
+            flags = seen[f"hyperdas-verb-{schedule}"]
+            forwarded = end is not None and schedule != "off"
+            assert (["--sparsity_end", "1.5"] == flags[-4:-2]) == forwarded, flags
+            assert ("--sparsity_end" in flags) == forwarded, flags
+
+
 def test_seeds_run_one_training_each_and_report_mean_and_std(capsys, tmp_path, monkeypatch):
     model, tok = make_model(), make_tokenizer()
     monkeypatch.setattr(toy_world, "toy_target", lambda domain, device=None, arch="llama", position="last": (model, tok))

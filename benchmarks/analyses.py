@@ -137,10 +137,12 @@ def plot(xlabel, ylabel, series, title, logx=False):
     return fig
 
 
-def common(args):
+def common(args, sparsity=True):
     flags = ["--domain", args.domain, "--seed", str(args.seed)]
     if args.epochs:
         flags += ["--epochs", str(args.epochs)]
+    if args.sparsity_end is not None and sparsity:
+        flags += ["--sparsity_end", str(args.sparsity_end)]
     return flags
 
 
@@ -198,7 +200,8 @@ def dims(args):
 def sparsity(args):
     rows, data = [], {}
     for schedule in ("official", "paper", "off"):
-        r, _ = train("sparsity", f"hyperdas-{args.domain}-{schedule}", [*common(args), "--sparsity_schedule", schedule])
+        r, _ = train("sparsity", f"hyperdas-{args.domain}-{schedule}",
+                     [*common(args, sparsity=schedule != "off"), "--sparsity_schedule", schedule])
         data[schedule] = {m: r["mode"][m] for m in H.MODES} | {"seconds": r["seconds"]}
         rows.append([schedule, *(f"{r['mode'][m]['disentangle']:.3f}" for m in H.MODES),
                      f"{r['mode']['soft']['cause']:.3f}", f"{r['mode']['soft']['isolate']:.3f}"])
@@ -251,6 +254,8 @@ def main():
     p.add_argument("--domain", default="verb", help="the toy world (known_position: always city)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs per run (default: the toy preset's 5)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sparsity_end", type=float, default=None,
+                   help="the weight the sparsity ramp ends at (default: the toy preset's; the README's analyses ran at 1.5)")
     p.add_argument("--dims", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     args = p.parse_args()
     if args.analysis == "known_position":
