@@ -105,9 +105,9 @@ def build_parser():
     p.add_argument("--sparsity_schedule", choices=("official", "paper", "off"), help="official: after the warm-up, "
                    "linspace(0.15, 1.5) from step 0 (a jump to 0.825); paper: rising from 0 to 1.5; off: no sparsity "
                    "loss (default: from the model's settings: paper for the toy target, official otherwise)")
-    p.add_argument("--sparsity_end", type=non_negative, help="the weight the sparsity schedule ends at (default 1.5, "
-                   "the paper's and the official code's); 0.5 scored above or level with 1.5 on four toy worlds "
-                   "(README, \"A smaller sparsity weight\")")
+    p.add_argument("--sparsity_end", type=non_negative, help="the weight the sparsity schedule ends at (default: "
+                   "from the model's settings: 0.5 for the toy target, measured on every toy world; 1.5, the paper's "
+                   "and the official code's, otherwise)")
     p.add_argument("--lr_schedule", choices=("constant", "warmup_cosine"), help="constant (official; the default "
                    "for real models), or warmup_cosine (the toy target's): 5%% linear warm-up, then cosine decay to "
                    "10%% of the rate")

@@ -206,35 +206,58 @@ def test_pair_scores_are_joint_not_additive():
 
 
 def test_the_ablation_heads_are_ours_and_the_official_one_switch_by_switch():
-    """benchmarks/head_ablation.py: with no switch its head is TokenSelector; each switch is the official form."""
+    """benchmarks/head_ablation.py: with no switch its head is TokenSelector; all switches on, it is the official
+    head (without its pair rotary) computed by hand, head by head; every variant can choose where to write."""
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
     from head_ablation import AblatedSelector
+    F = torch.nn.functional
     torch.manual_seed(4)
-    inputs = (torch.randn(2, 16), torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool),
-              torch.randn(2, 4, 16), torch.ones(2, 4, dtype=torch.bool))
+    instruction, h_base, h_source = torch.randn(2, 16), torch.randn(2, 5, 16), torch.randn(2, 4, 16)
+    base_visible, source_visible = torch.ones(2, 5, dtype=torch.bool), torch.ones(2, 4, dtype=torch.bool)
+    base_visible[1, :2], source_visible[1, 0] = False, False          # a padded example
+    inputs = (instruction, h_base, base_visible, h_source, source_visible)
     ours = H.TokenSelector(16, 16)
     for p in ours.parameters():
         torch.nn.init.normal_(p, std=0.5)
+    switches = dict(ours={}, keep=dict(keep="base"), four=dict(heads=4), linear=dict(joint=False, keep="base"),
+                    official=dict(joint=False, keep="base", heads=4))
     heads = {}
-    for name, switches in dict(ours={}, linear=dict(joint=False), keep=dict(keep="base"), four=dict(heads=4)).items():
-        heads[name] = AblatedSelector(16, 16, **switches)
+    for name, switch in switches.items():
+        heads[name] = AblatedSelector(16, 16, **switch)
         heads[name].load_state_dict(ours.state_dict(), strict=False)
         torch.nn.init.normal_(heads[name].null_key.weight, std=0.5)
     A = {name: head(*inputs) for name, head in heads.items()}
     assert torch.allclose(A["ours"], ours(*inputs), atol=1e-6)
-    # Linear key: every base position gets the same distribution over source tokens (score f(j) + g(i)).
-    over_source = A["linear"][:, :-1] / A["linear"][:, :-1].sum(1, keepdim=True)
-    assert torch.allclose(over_source, over_source[:, :, :1].expand_as(over_source), atol=1e-6)
-    # Keep from the base state: the keep logit minus a source logit is q.W_k h_b - q.silu(pair), over sqrt(P).
-    q, hb = heads["keep"].query(inputs[0]), inputs[1]
-    pair = torch.nn.functional.silu(heads["keep"].source_key(inputs[3])[:, :, None] + heads["keep"].base_key(hb)[:, None])
-    gap = (torch.einsum("bjp,bp->bj", heads["keep"].null_key(hb), q) - torch.einsum("bjp,bp->bj", pair[:, 0], q)) / 4
-    assert torch.allclose(A["keep"][:, -1].log() - A["keep"][:, 0].log(), gap, atol=1e-4)
-    # Four heads averaged: every logit difference is half of one query's (sqrt(4)).
-    log_ours, log_four = A["ours"].log(), A["four"].log()
-    assert torch.allclose(log_four[:, 1:] - log_four[:, :1], (log_ours[:, 1:] - log_ours[:, :1]) / 2, atol=1e-4)
+    for name, weights in A.items():                 # each can write at some base positions and not at others
+        keep = weights[0, -1]
+        assert keep.max() - keep.min() > 1e-2, name
+        assert torch.allclose(weights.sum(1), torch.ones(2, 5)), name
+        assert weights[1, :-1, :2].abs().sum() == 0 and weights[1, 0].abs().sum() == 0, name
+    # The official head by hand: 4 heads of 4 dimensions, pair key W_s h_s + W_b h_b, keep key W_k h_b.
+    head = heads["official"]
+    q = head.query(instruction).view(2, 4, 4)
+    pair = (head.source_key(h_source)[:, :, None] + head.base_key(h_base)[:, None]).view(2, 4, 5, 4, 4)
+    null = head.null_key(h_base).view(2, 5, 4, 4)
+    logits = torch.cat((torch.einsum("bijhc,bhc->bijh", pair, q), torch.einsum("bjhc,bhc->bjh", null, q)[:, None]), 1)
+    logits = logits.div(4 ** 0.5).mean(-1)                          # [B, Ts+1, Tb]: mean over heads of q_h.k_h/sqrt(4)
+    allowed = torch.cat((source_visible, torch.ones(2, 1, dtype=torch.bool)), 1)[:, :, None] & base_visible[:, None]
+    allowed[:, -1] = True
+    assert torch.allclose(A["official"], logits.masked_fill(~allowed, float("-inf")).softmax(1), atol=1e-6)
+    # Without silu, a linear key's score is f(j) + g(i): every base position ranks the source tokens alike.
+    over_source = A["linear"][0, :-1] / A["linear"][0, :-1].sum(0)
+    assert torch.allclose(over_source, over_source[:, :1].expand_as(over_source), atol=1e-6)
+    # Keep from the base state with silu pairs: keep logit minus a source logit is q.W_k h_b - q.silu(pair), / sqrt(P).
+    head, q = heads["keep"], heads["keep"].query(instruction)
+    pair = F.silu(head.source_key(h_source)[:, :, None] + head.base_key(h_base)[:, None])
+    gap = (torch.einsum("bjp,bp->bj", head.null_key(h_base), q) - torch.einsum("bjp,bp->bj", pair[:, 1], q)) / 4
+    assert torch.allclose((A["keep"][0, -1].log() - A["keep"][0, 1].log()), gap[0], atol=1e-4)
+    # Four heads: every logit difference is half of one query's (sqrt(4)).
+    log_ours, log_four = A["ours"][0].log(), A["four"][0].log()
+    assert torch.allclose(log_four[1:] - log_four[:1], (log_ours[1:] - log_ours[:1]) / 2, atol=1e-4)
+    with pytest.raises(ValueError, match="same column"):
+        AblatedSelector(16, 16, joint=False)
 
 
 def test_inference_modes_on_a_hand_made_matrix():
@@ -338,8 +361,9 @@ def test_the_papers_sparsity_schedule_rises_from_zero_after_the_warm_up():
 
 
 def test_the_toy_preset_uses_the_schedules_the_toy_measurements_chose():
-    assert (H.TOY["sparsity_schedule"], H.TOY["lr_schedule"]) == ("paper", "warmup_cosine")
-    assert "sparsity_schedule" not in H.PAPER      # real models keep the official schedules
+    assert (H.TOY["sparsity_schedule"], H.TOY["sparsity_end"], H.TOY["lr_schedule"]) == ("paper", 0.5, "warmup_cosine")
+    assert not {"sparsity_schedule", "sparsity_end"} & set(H.PAPER)      # real models keep the official schedules
+    assert H.HyperDASConfig().sparsity_end == 1.5
 
 
 def test_the_learning_rate_schedule_warms_up_decays_and_is_what_training_uses(model, tok):

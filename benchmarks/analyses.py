@@ -141,8 +141,8 @@ def common(args, sparsity=True):
     flags = ["--domain", args.domain, "--seed", str(args.seed)]
     if args.epochs:
         flags += ["--epochs", str(args.epochs)]
-    if args.sparsity_end is not None and sparsity:
-        flags += ["--sparsity_end", str(args.sparsity_end)]
+    if sparsity:        # always named, so a run cached under another default is refused, never reused
+        flags += ["--sparsity_end", str(H.TOY["sparsity_end"] if args.sparsity_end is None else args.sparsity_end)]
     return flags
 
 
@@ -254,7 +254,7 @@ def main():
     p.add_argument("--domain", default="verb", help="the toy world (known_position: always city)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs per run (default: the toy preset's 5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sparsity_end", type=float, default=None,
+    p.add_argument("--sparsity_end", type=cli.non_negative, default=None,
                    help="the weight the sparsity ramp ends at (default: the toy preset's; the README's analyses ran at 1.5)")
     p.add_argument("--dims", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     args = p.parse_args()
