@@ -103,7 +103,7 @@ def build_parser():
     p.add_argument("--seeds", type=seed_list, help="several seeds, e.g. 0,1,2: one run each (into --out with "
                    "-seed<N> appended), then cause / isolate / disentangle as mean +- std over them")
     p.add_argument("--sparsity_schedule", choices=("official", "paper", "off"), help="official: after the warm-up, "
-                   "linspace(0.15, 1.5) from step 0 (a jump to 0.825); paper: rising from 0 to 1.5; off: no sparsity "
+                   "linspace(0.15, --sparsity_end) from step 0 (a jump to 0.825 at 1.5); paper: rising from 0 to --sparsity_end; off: no sparsity "
                    "loss (default: from the model's settings: paper for the toy target, official otherwise)")
     p.add_argument("--sparsity_end", type=non_negative, help="the weight the sparsity schedule ends at (default: "
                    "from the model's settings: 0.5 for the toy target, measured on every toy world; 1.5, the paper's "
