@@ -17,7 +17,6 @@ isolate / disentangle after one epoch and the training batches' isolate share ov
 The official head's rotary embedding over the flattened pair index is not reproduced (no variant has it).
 """
 import argparse
-import json
 import math
 import sys
 import time
@@ -25,14 +24,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import hyperdas as H  # noqa: E402
 import toy_world  # noqa: E402
+from analyses import markdown, save  # noqa: E402
 
-RESULTS = HERE / "results"
 # The toy preset of the issue's measurement (official schedules, constant lr), trained for one epoch, in which
 # the sparsity weight switches on at half the steps; its first epoch of five, in which the weight is still 0
 # (the same steps as a one-epoch run without the sparsity loss); the toy preset before lr 1e-3 at batch 16
@@ -118,18 +118,13 @@ def main(argv=None):
     for name, switches in variants(model).items():
         result = data[name] = run(model, tokenizer, train, test, args.preset, switches, args.seed)
         t = result["test"]
-        curve = " ".join(f"{v:.2f}" for v in result["isolate_curve"])
-        rows.append(f"| {name} | {t['cause']:.3f} | {t['isolate']:.3f} | {t['disentangle']:.3f} | {curve} | "
-                    f"{result['cpu_s']:.0f} s |")
-        print(rows[-1], flush=True)
-    table = "\n".join(["| selection head | cause | isolate | disentangle | training isolate, tenths of the epoch | "
-                       "CPU time |", "|---|---|---|---|---|---|", *rows])
-    print("\n" + table)
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"head_ablation-{args.preset}-seed{args.seed}"
-    stem.with_suffix(".md").write_text(table + "\n")
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
-
+        rows.append([name, *(f"{t[k]:.3f}" for k in ("cause", "isolate", "disentangle")),
+                     " ".join(f"{v:.2f}" for v in result["isolate_curve"]), f"{result['cpu_s']:.0f} s"])
+        print(markdown(["selection head", "cause", "isolate", "disentangle", "curve", "CPU"], rows[-1:]).split("\n")[-1],
+              flush=True)
+    table = markdown(["selection head", "cause", "isolate", "disentangle", "training isolate, tenths of the epoch",
+                      "CPU time"], rows)
+    save(f"head_ablation-{args.preset}-seed{args.seed}", table, None, data)
 
 if __name__ == "__main__":
     main()
